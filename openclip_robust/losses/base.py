@@ -1,0 +1,58 @@
+"""The contract every robust method follows, modelled on open_clip's ``loss.py``.
+
+A method is an ``nn.Module`` called like open_clip's losses, ``loss(**model_out,
+output_dict=True)``, returning a dict of named scalar terms that sum to the training loss. The
+target batch always goes through upstream's own contrastive loss (``open_clip.create_loss``: FLYP's
+L_cl); a method adds its regulariser from the extra inputs it asks for in ``reference_inputs``.
+Diagnostics that must not be summed go under ``"log_only"`` (logged by the patched loop).
+"""
+import torch
+from torch import nn
+from open_clip import create_loss
+
+
+class RobustLoss(nn.Module):
+    name = None              # set by @register_loss
+    needs_reference = False  # draws a reference image-caption batch every step
+    needs_frozen = False     # needs the frozen pre-trained model
+
+    @classmethod
+    def add_args(cls, group):
+        """Add this method's own flags to the plugin's argument group."""
+
+    @classmethod
+    def validate_args(cls, args):
+        """Raise ValueError for bad values of this method's flags."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.contrastive = create_loss(args)  # ClipLoss / SigLipLoss, with upstream's gathering
+
+    def reference_inputs(self, model, frozen, ref_images, ref_texts):
+        """Extra loss inputs computed on the reference batch (inside autocast)."""
+        return {}
+
+    def regularizer(self, logit_scale, **inputs):
+        """Return (terms, log_only): dicts of scalar tensors."""
+        return {}, {}
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False, **inputs):
+        extra = {} if logit_bias is None else {"logit_bias": logit_bias}
+        losses = self.contrastive(image_features, text_features, logit_scale, output_dict=True, **extra)
+        terms, log_only = self.regularizer(logit_scale=logit_scale, **inputs)
+        losses.update(terms)
+        if not output_dict:
+            return sum(losses.values())
+        if log_only:
+            losses["log_only"] = {k: v.detach() for k, v in log_only.items()}
+        return losses
+
+
+def sq_dist(a, b):
+    """Per-row squared Euclidean distance, in fp32 (difference vectors are ~1e-3: AMP loses them)."""
+    return (a.float() - b.float()).pow(2).sum(-1)
+
+
+def frozen_features(frozen, images=None, texts=None):
+    with torch.no_grad():
+        return frozen(images, texts)

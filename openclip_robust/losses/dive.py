@@ -1,0 +1,97 @@
+"""DiVE: Difference Vector Equalization (seed 000, Sec. 4, Eq. 4-11).
+
+u = f_ft(x) - f_pre(x), v = g_ft(t) - g_pre(t) on reference pairs (Eq. 4-5);
+m = a*m_prev + (1-a) * mean_j (u_j + v_j)/2 (Eq. 6), a buffer updated without gradient from the
+*global* reference batch (all ranks hold the same m);
+AVL = mean_j ||u_j - m||^2 + ||v_j - m||^2 (Eq. 7), PVL = mean_j ||u_j - v_j||^2 (Eq. 8);
+L = L_cl + lambda (AVL + PVL) (Eq. 9). The cosine variant (Eq. 10-11) uses the scalars
+f_ft(x).f_pre(x) and g_ft(t).g_pre(t) instead of u and v.
+"""
+import torch
+
+from openclip_robust.distributed import all_reduce_mean
+from openclip_robust.losses.base import RobustLoss, frozen_features, sq_dist
+from openclip_robust.registry import register_loss
+
+TERMS = ("avl", "pvl")
+
+
+def parse_terms(text):
+    terms = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in terms if t not in TERMS]
+    if bad or not terms:
+        raise ValueError(f"--dive-terms {text!r}: use a comma list of {', '.join(TERMS)} (e.g. 'avl,pvl' or 'avl')")
+    return terms
+
+
+@register_loss("dive")
+class DiVELoss(RobustLoss):
+    needs_reference = True
+    needs_frozen = True
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--dive-lambda", type=float, default=1000.0,
+                           help="weight of AVL + PVL (Eq. 9); the paper's 1000 suits ViTs at LR 1e-5.")
+        group.add_argument("--dive-alpha", type=float, default=0.99,
+                           help="EMA factor of the average difference vector m (Eq. 6).")
+        group.add_argument("--dive-terms", type=str, default="avl,pvl",
+                           help="which terms to use: 'avl,pvl' (DiVE), 'avl' or 'pvl' (Table 5 ablations).")
+        group.add_argument("--dive-distance", choices=("vector", "cosine"), default="vector",
+                           help="difference vectors (Eq. 4-5) or the cosine variant (Eq. 10-11).")
+
+    @classmethod
+    def validate_args(cls, args):
+        parse_terms(args.dive_terms)
+        if not 0.0 <= args.dive_alpha < 1.0:
+            raise ValueError(f"--dive-alpha {args.dive_alpha}: must be in [0, 1)")
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.lam = args.dive_lambda
+        self.alpha = args.dive_alpha
+        self.terms = parse_terms(args.dive_terms)
+        self.cosine = args.dive_distance == "cosine"
+        self.m = None  # set on the first step: shape (d,) or (1,) for the cosine variant
+        self.steps = 0
+
+    # m and its step count travel in checkpoints through nn.Module's extra state.
+    def get_extra_state(self):
+        return {"m": None if self.m is None else self.m.cpu(), "steps": self.steps}
+
+    def set_extra_state(self, state):
+        self.m, self.steps = state["m"], int(state["steps"])
+
+    def reference_inputs(self, model, frozen, ref_images, ref_texts):
+        out = model(ref_images, ref_texts)
+        pre = frozen_features(frozen, ref_images, ref_texts)
+        return {"ref_image_features": out["image_features"], "ref_text_features": out["text_features"],
+                "ref_pre_image_features": pre["image_features"], "ref_pre_text_features": pre["text_features"]}
+
+    def difference_vectors(self, f_ft, f_pre, g_ft, g_pre):
+        f_ft, f_pre, g_ft, g_pre = (t.float() for t in (f_ft, f_pre, g_ft, g_pre))
+        if self.cosine:
+            return (f_ft * f_pre).sum(-1, keepdim=True), (g_ft * g_pre).sum(-1, keepdim=True)
+        return f_ft - f_pre, g_ft - g_pre
+
+    @torch.no_grad()
+    def update_average(self, u, v):
+        batch_mean = all_reduce_mean(((u + v) / 2).mean(0))
+        prev = torch.zeros_like(batch_mean) if self.m is None else self.m.to(batch_mean)
+        self.m = self.alpha * prev + (1 - self.alpha) * batch_mean
+        self.steps += 1
+        return self.m
+
+    def regularizer(self, logit_scale, ref_image_features, ref_text_features,
+                    ref_pre_image_features, ref_pre_text_features, **_):
+        u, v = self.difference_vectors(ref_image_features, ref_pre_image_features,
+                                       ref_text_features, ref_pre_text_features)
+        m = self.update_average(u, v)
+        avl = (sq_dist(u, m) + sq_dist(v, m)).mean()
+        pvl = sq_dist(u, v).mean()
+        values = {"avl": avl, "pvl": pvl}
+        terms = {f"dive_{t}": self.lam * values[t] for t in self.terms}
+        log_only = {"dive_m_norm": m.norm(), "dive_u_norm": u.norm(dim=-1).mean(),
+                    "dive_v_norm": v.norm(dim=-1).mean()}
+        log_only.update({f"dive_{t}_raw": values[t] for t in TERMS})
+        return terms, log_only

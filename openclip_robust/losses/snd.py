@@ -1,0 +1,26 @@
+"""SnD as DiVE adapts it (Appendix B, Eq. 12-13): distil reference image embeddings from the
+frozen model. The original SnD code (dual teachers, frozen text tower) differs; see README."""
+from openclip_robust.losses.base import RobustLoss, frozen_features, sq_dist
+from openclip_robust.registry import register_loss
+
+
+@register_loss("snd")
+class SnDLoss(RobustLoss):
+    needs_reference = True
+    needs_frozen = True
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--snd-lambda", type=float, default=1.0,
+                           help="weight of the feature distillation term (Eq. 13).")
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.lam = args.snd_lambda
+
+    def reference_inputs(self, model, frozen, ref_images, ref_texts):
+        return {"ref_image_features": model(ref_images, None)["image_features"],
+                "ref_pre_image_features": frozen_features(frozen, ref_images)["image_features"]}
+
+    def regularizer(self, logit_scale, ref_image_features, ref_pre_image_features, **_):
+        return {"snd_loss": self.lam * sq_dist(ref_image_features, ref_pre_image_features).mean()}, {}

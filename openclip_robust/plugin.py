@@ -1,0 +1,113 @@
+"""The open_clip_train plugin (entry point ``open_clip_train.plugins: robust``).
+
+Every hook is a no-op unless ``--robust-loss`` is given, so plain upstream runs are unchanged.
+The hook spec lives upstream, in the patched ``open_clip_train/plugins.py``.
+"""
+import logging
+
+from open_clip import get_input_dtype
+
+from openclip_robust.frozen import freeze_bn_stats, frozen_copy
+from openclip_robust.reference import ReferenceStream, readable_shards
+from openclip_robust.registry import get_loss_class, loss_names
+
+REFERENCE_KEY = "robust_reference"
+
+
+class RobustPlugin:
+    def __init__(self):
+        self.method = None   # the RobustLoss class chosen by --robust-loss
+        self.frozen = None   # frozen pre-trained model
+        self.loss = None
+        self.reference = None
+        self.ref_urls = None
+        self._defaults = {}
+        self._pending_state = None
+
+    # -- arguments -------------------------------------------------------------------------------
+    def add_args(self, parser):
+        group = parser.add_argument_group(
+            "openclip-robust", "robust fine-tuning (plugin); without --robust-loss nothing changes")
+        before = {a.dest for a in parser._actions}
+        group.add_argument("--robust-loss", type=str, default=None, choices=loss_names(),
+                           help="robust fine-tuning method.")
+        group.add_argument("--ref-data", type=str, default=None,
+                           help="reference image-caption webdataset shards (braces and '::' as in --train-data).")
+        group.add_argument("--ref-num-samples", type=int, default=None,
+                           help="number of reference samples (informational: the stream is resampled).")
+        group.add_argument("--ref-batch-size", type=int, default=None,
+                           help="reference batch size B' per GPU (default: --batch-size).")
+        group.add_argument("--ref-workers", type=int, default=1, help="data workers for the reference stream.")
+        group.add_argument("--robust-bn", choices=("frozen", "train"), default="frozen",
+                           help="BatchNorm statistics of the fine-tuned model: frozen (eval mode) or train.")
+        for name in loss_names():
+            get_loss_class(name).add_args(group)
+        self._defaults = {a.dest: a.default for a in parser._actions if a.dest not in before}
+
+    def validate_args(self, args):
+        if args.robust_loss is None:
+            changed = [f"--{d.replace('_', '-')}" for d, v in self._defaults.items() if getattr(args, d) != v]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} given without --robust-loss: "
+                                 f"add --robust-loss {{{','.join(loss_names())}}} or drop them")
+            return
+        self.method = get_loss_class(args.robust_loss)
+        if args.accum_freq > 1:
+            raise ValueError(f"--robust-loss {args.robust_loss} does not support --accum-freq > 1 "
+                             f"(upstream's accumulation loop passes no extra loss inputs); use --accum-freq 1")
+        if args.ref_batch_size is None:
+            args.ref_batch_size = args.batch_size
+        if args.ref_batch_size < 1 or args.ref_workers < 0:
+            raise ValueError("--ref-batch-size must be >= 1 and --ref-workers >= 0")
+        self.method.validate_args(args)
+        if self.method.needs_reference:
+            if not args.ref_data:
+                raise ValueError(f"--robust-loss {args.robust_loss} needs --ref-data: webdataset shards "
+                                 f"of reference image-caption pairs (e.g. CC3M in img2dataset format)")
+            self.ref_urls = readable_shards(args.ref_data)
+
+    # -- model, loss, data -----------------------------------------------------------------------
+    def on_model_created(self, args, model, device):
+        if self.method is not None and self.method.needs_frozen:
+            self.frozen = frozen_copy(model)
+
+    def create_loss(self, args):
+        if self.method is None:
+            return None
+        self.loss = self.method(args)
+        if self._pending_state is not None:
+            self.loss.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return self.loss
+
+    def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
+        if self.method is not None and self.method.needs_reference and "train" in data:
+            self.reference = ReferenceStream(args, self.ref_urls, preprocess_fns[1], tokenizer)
+            data[REFERENCE_KEY] = self.reference
+
+    # -- training step ---------------------------------------------------------------------------
+    def on_train_epoch_start(self, args, model, data, epoch):
+        if self.method is None:
+            return
+        if args.robust_bn == "frozen":
+            freeze_bn_stats(model)
+        if self.reference is not None:
+            self.reference.set_epoch(epoch)
+
+    def step_inputs(self, args, model, images, texts):
+        if self.reference is None:
+            return {}
+        ref_images, ref_texts = self.reference.next_batch(images.device, get_input_dtype(args.precision))
+        return self.loss.reference_inputs(model, self.frozen, ref_images, ref_texts)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self):
+        return {"loss": self.loss.state_dict()} if self.loss is not None and self.loss.state_dict() else {}
+
+    def load_state_dict(self, state):
+        if "loss" in state:
+            if self.loss is not None:
+                self.loss.load_state_dict(state["loss"])
+            else:  # resume happens before the loss exists: apply it when created
+                self._pending_state = state["loss"]
+        logging.info("openclip-robust: restored loss state from checkpoint")

@@ -1,0 +1,115 @@
+"""The reference image-caption stream (CC3M-like webdataset shards) drawn beside the target data.
+
+Built from upstream's own webdataset pieces. It is resampled (shards drawn with replacement), so
+it never runs dry mid-epoch and its batch size B' is independent of the target batch size; every
+rank and worker draws with its own seed, re-seeded at each epoch from ``--seed``, so a run resumed
+at an epoch boundary sees exactly the batches an uninterrupted run would. Images use the
+deterministic eval transform (no augmentation): the frozen model's view of a sample is fixed.
+"""
+import logging
+import os
+import random
+import tarfile
+
+import torch
+import webdataset as wds
+from torch.utils.data import get_worker_info
+from webdataset.filters import _shuffle
+
+from open_clip_train.data import (
+    ResampledShards2, SharedEpoch, expand_urls, filter_no_caption_or_no_image, log_and_continue,
+    tarfile_to_samples_nothrow)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _is_local(url):
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def first_sample_ok(path):
+    """Whether the tar at `path` opens and its first sample has an image and a caption."""
+    try:
+        with tarfile.open(path) as tar:
+            key, exts = None, set()
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base, _, ext = os.path.basename(member.name).partition(".")
+                if key is not None and base != key:
+                    break
+                key = base
+                exts.add(ext.lower())
+    except (OSError, tarfile.TarError):
+        return False
+    return "txt" in exts and any(e in exts for e in IMAGE_EXTS)
+
+
+def readable_shards(spec, flag="--ref-data"):
+    """Expand `spec` (braces, '::') and drop local shards that cannot be read, with a warning.
+
+    Remote URLs are kept as they are. No readable shard at all is an error, raised before training:
+    a resampled stream over unreadable shards would otherwise spin forever.
+    """
+    urls, _ = expand_urls(spec)
+    good = []
+    for url in urls:
+        if not _is_local(url):
+            good.append(url)
+        elif first_sample_ok(url):
+            good.append(url)
+        else:
+            reason = "missing" if not os.path.exists(url) else "unreadable or without image+txt samples"
+            logging.warning(f"{flag}: skipping shard {url} ({reason})")
+    if not good:
+        raise ValueError(
+            f"{flag} {spec!r}: no readable shard ({len(urls)} listed). Give webdataset .tar shards whose "
+            f"samples hold an image ({'/'.join(IMAGE_EXTS)}) and a caption (.txt).")
+    return good
+
+
+class SeededShuffle(wds.PipelineStage):
+    """Sample shuffle seeded by (seed function, epoch): upstream's wds.shuffle is unseeded."""
+
+    def __init__(self, bufsize, initial, seed_fn, epoch):
+        self.bufsize, self.initial, self.seed_fn, self.epoch = bufsize, initial, seed_fn, epoch
+
+    def run(self, src):
+        return _shuffle(src, self.bufsize, self.initial, random.Random(self.seed_fn() + self.epoch.get_value()))
+
+
+class ReferenceStream:
+    """Per-rank batches of B' reference pairs; `set_epoch` restarts the stream with that epoch's seed."""
+
+    def __init__(self, args, urls, preprocess, tokenizer, shuffle_buffer=1000):
+        self.epoch = SharedEpoch(0)
+        rank, base = args.rank, args.seed
+
+        def seed_fn():
+            worker = get_worker_info()
+            return (base + 1) * 1_000_003 + rank * 10_007 + (worker.id if worker else 0) * 101
+
+        pipeline = wds.DataPipeline(
+            ResampledShards2(urls, deterministic=True, worker_seed=seed_fn, epoch=self.epoch),
+            tarfile_to_samples_nothrow,
+            SeededShuffle(shuffle_buffer, min(100, shuffle_buffer), seed_fn, self.epoch),
+            wds.select(filter_no_caption_or_no_image),
+            wds.decode("pilrgb", handler=log_and_continue),
+            wds.rename(image=";".join(IMAGE_EXTS), text="txt"),
+            wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
+            wds.to_tuple("image", "text"),
+            wds.batched(args.ref_batch_size, partial=False),
+        )
+        self.loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.ref_workers,
+                                    persistent_workers=args.ref_workers > 0)
+        self._it = None
+
+    def set_epoch(self, epoch):
+        self.epoch.set_value(epoch)
+        self._it = iter(self.loader)
+
+    def next_batch(self, device, dtype=None):
+        if self._it is None:
+            self.set_epoch(self.epoch.get_value())
+        images, texts = next(self._it)
+        return images.to(device=device, dtype=dtype, non_blocking=True), texts.to(device=device, non_blocking=True)
