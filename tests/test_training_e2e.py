@@ -1,0 +1,129 @@
+"""End to end through upstream's own loop: `open_clip_train.main --robust-loss ...` on real images."""
+import json
+import logging
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from open_clip_train.main import main
+
+from conftest import TINY_CFG
+
+pytestmark = pytest.mark.slow
+
+LOSS_KEYS = {
+    "flyp": ["Contrastive_loss"],
+    "dive": ["Contrastive_loss", "Dive_avl", "Dive_pvl", "Dive_m_norm"],
+    "replay": ["Contrastive_loss", "Replay_loss"],
+    "snd": ["Contrastive_loss", "Snd_loss"],
+}
+
+
+def run_main(argv):
+    """upstream's main() adds a log file handler per call: drop it so runs do not log into each other."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        return main(argv)
+    finally:
+        for h in root.handlers[:]:
+            if h not in before:
+                root.removeHandler(h)
+                h.close()
+
+
+def train_args(tmp_path, name, model_dir, target, *extra, epochs=1, batch=16, samples=32):
+    return [
+        "--model", f"local-dir:{model_dir}", "--train-data", target, "--train-num-samples", str(samples),
+        "--dataset-type", "webdataset", "--batch-size", str(batch), "--epochs", str(epochs), "--lr", "1e-3",
+        "--wd", "0.1", "--warmup", "1", "--workers", "1", "--log-every-n-steps", "1", "--seed", "0",
+        "--aug-cfg", "scale=(1.0,1.0)",
+        "--logs", str(tmp_path / "logs"), "--name", name, "--save-frequency", "1", *extra]
+
+
+def logged(tmp_path, name, key):
+    """Every value logged for `key` in upstream's out.log, in order."""
+    text = (tmp_path / "logs" / name / "out.log").read_text()
+    return [float(v) for v in re.findall(rf"{key}: ([-+0-9.eE]+) \(", text)]
+
+
+def load_ckpt(tmp_path, name, epoch):
+    return torch.load(tmp_path / "logs" / name / "checkpoints" / f"epoch_{epoch}.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("method", sorted(LOSS_KEYS))
+def test_every_robust_loss_trains(tmp_path, tiny_model_dir, target_shards, ref_shards, method):
+    extra = ["--robust-loss", method]
+    if method != "flyp":
+        extra += ["--ref-data", ref_shards, "--ref-batch-size", "8", "--dive-lambda", "10"] if method == "dive" \
+            else ["--ref-data", ref_shards, "--ref-batch-size", "8"]
+    assert run_main(train_args(tmp_path, method, tiny_model_dir, target_shards, *extra, epochs=2)) is None
+    for key in LOSS_KEYS[method]:
+        values = logged(tmp_path, method, key)
+        assert len(values) == 4, (key, values)  # 2 epochs x 2 steps
+        assert all(math.isfinite(v) for v in values)
+    if method == "dive":
+        avl, pvl = logged(tmp_path, method, "Dive_avl"), logged(tmp_path, method, "Dive_pvl")
+        assert avl[0] == 0 and pvl[0] == 0  # step 1: fine-tuned == pre-trained, so u = v = 0
+        assert all(a > 0 for a in avl[1:]) and all(p > 0 for p in pvl[1:])
+        state = load_ckpt(tmp_path, method, 2)["plugins"]["robust"]["loss"]["_extra_state"]
+        assert state["steps"] == 4 and state["m"].shape == (32,) and state["m"].norm() > 0
+
+
+def test_checkpoint_loads_in_plain_open_clip(tmp_path, tiny_model_dir, target_shards, ref_shards):
+    """A DiVE checkpoint loads with create_model_and_transforms(pretrained=ckpt), no plugin imported."""
+    assert run_main(train_args(tmp_path, "plain", tiny_model_dir, target_shards, "--robust-loss", "dive",
+                           "--ref-data", ref_shards, "--ref-batch-size", "8")) is None
+    ckpt = tmp_path / "logs" / "plain" / "checkpoints" / "epoch_1.pt"
+    cfg = tmp_path / "tiny-test.json"  # the same architecture as a named config
+    cfg.write_text(json.dumps(TINY_CFG))
+    code = f"""
+import sys, torch, open_clip
+open_clip.add_model_config({str(cfg)!r})
+model, _, _ = open_clip.create_model_and_transforms('tiny-test', pretrained={str(ckpt)!r})
+sd = torch.load({str(ckpt)!r}, weights_only=True)['state_dict']
+assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+assert not any(m.startswith('openclip_robust') for m in sys.modules), 'plugin was imported'
+print('loaded', len(sd))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "loaded" in out.stdout
+
+
+def test_without_robust_loss_nothing_changes(tmp_path, tiny_model_dir, target_shards):
+    """No --robust-loss: upstream's loss and checkpoint layout, no plugin state."""
+    assert run_main(train_args(tmp_path, "upstream", tiny_model_dir, target_shards)) is None
+    ckpt = load_ckpt(tmp_path, "upstream", 1)
+    assert set(ckpt) - {"scaler"} == {"epoch", "name", "state_dict", "optimizer"}  # scaler: --precision amp
+    assert logged(tmp_path, "upstream", "Contrastive_loss")
+
+
+def test_resume_continues_m_exactly(tmp_path, tiny_model_dir, target_shards, ref_shards):
+    """Train 3 epochs straight vs 1 epoch + --resume to 3: same m, step count and weights."""
+    common = ["--robust-loss", "dive", "--ref-data", ref_shards, "--ref-batch-size", "8", "--dive-lambda", "10",
+              "--precision", "fp32"]  # bf16 autocast would add batch-order rounding noise
+    # one step per epoch over all 64 target samples: the batch is the same set whatever the order
+    kw = dict(batch=64, samples=64)
+    assert run_main(train_args(tmp_path, "straight", tiny_model_dir, target_shards, *common, epochs=3, **kw)) is None
+    assert run_main(train_args(tmp_path, "first", tiny_model_dir, target_shards, *common, epochs=1, **kw)) is None
+    first = tmp_path / "logs" / "first" / "checkpoints" / "epoch_1.pt"
+    assert run_main(train_args(tmp_path, "resumed", tiny_model_dir, target_shards, *common, "--resume", str(first),
+                           epochs=3, **kw)) is None
+    a, b = load_ckpt(tmp_path, "straight", 3), load_ckpt(tmp_path, "resumed", 3)
+    sa = a["plugins"]["robust"]["loss"]["_extra_state"]
+    sb = b["plugins"]["robust"]["loss"]["_extra_state"]
+    assert sa["steps"] == sb["steps"] == 3
+    torch.testing.assert_close(sa["m"], sb["m"], rtol=1e-4, atol=1e-7)
+    # weights: batch order changes float sums, and Adam turns that noise into lr-sized steps where the
+    # true gradient is zero (attention key biases): compare the rest with how far training moved them
+    start = torch.load(first, weights_only=True)["state_dict"]
+    keys = [k for k in a["state_dict"] if not k.endswith("in_proj_bias")]
+    gap = sum((a["state_dict"][k] - b["state_dict"][k]).float().norm() ** 2 for k in keys) ** 0.5
+    moved = sum((a["state_dict"][k] - start[k]).float().norm() ** 2 for k in keys) ** 0.5
+    assert gap < 1e-3 * moved, (gap, moved)
+    assert logged(tmp_path, "resumed", "Dive_avl") == pytest.approx(logged(tmp_path, "straight", "Dive_avl")[1:],
+                                                                    rel=1e-3)
