@@ -22,7 +22,6 @@ class RobustPlugin:
         self.reference = None
         self.ref_urls = None
         self._defaults = {}
-        self._pending_state = None
 
     # -- arguments -------------------------------------------------------------------------------
     def add_args(self, parser):
@@ -67,27 +66,33 @@ class RobustPlugin:
             self.ref_urls = readable_shards(args.ref_data)
 
     # -- model, loss, data -----------------------------------------------------------------------
+    # The loss is built with the model (not in create_loss) so that its own parameters can join the
+    # optimizer and its state can be restored on resume; both happen before upstream's create_loss.
     def on_model_created(self, args, model, device):
-        if self.method is not None and self.method.needs_frozen:
+        if self.method is None:
+            return
+        if self.method.needs_frozen:
             self.frozen = frozen_copy(model)
+        self.loss = self.method(args)
+        self.loss.setup(args, model)
+
+    def param_groups(self, args, model):
+        return self.loss.param_groups() if self.loss is not None else []
 
     def create_loss(self, args):
-        if self.method is None:
-            return None
-        self.loss = self.method(args)
-        if self._pending_state is not None:
-            self.loss.load_state_dict(self._pending_state)
-            self._pending_state = None
         return self.loss
 
     def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
-        if self.method is not None and self.method.needs_reference and "train" in data:
+        if self.loss is None or "train" not in data:
+            return
+        if self.method.needs_reference:
             self.reference = ReferenceStream(args, self.ref_urls, preprocess_fns[1], tokenizer)
             data[REFERENCE_KEY] = self.reference
+        self.loss.add_data(args, data, preprocess_fns, epoch, tokenizer)
 
     # -- training step ---------------------------------------------------------------------------
     def on_train_epoch_start(self, args, model, data, epoch):
-        if self.method is None:
+        if self.loss is None:
             return
         if args.robust_bn == "frozen":
             freeze_bn_stats(model)
@@ -95,19 +100,22 @@ class RobustPlugin:
             self.reference.set_epoch(epoch)
 
     def step_inputs(self, args, model, images, texts):
-        if self.reference is None:
+        if self.loss is None:
             return {}
-        ref_images, ref_texts = self.reference.next_batch(images.device, get_input_dtype(args.precision))
-        return self.loss.reference_inputs(model, self.frozen, ref_images, ref_texts)
+        reference = None
+        if self.reference is not None:
+            reference = self.reference.next_batch(images.device, get_input_dtype(args.precision))
+        return self.loss.step_inputs(model, self.frozen, images, texts, reference)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self):
-        return {"loss": self.loss.state_dict()} if self.loss is not None and self.loss.state_dict() else {}
+        state = self.loss.state_dict() if self.loss is not None else {}
+        return {"loss": state} if state else {}
 
     def load_state_dict(self, state):
-        if "loss" in state:
-            if self.loss is not None:
-                self.loss.load_state_dict(state["loss"])
-            else:  # resume happens before the loss exists: apply it when created
-                self._pending_state = state["loss"]
-        logging.info("openclip-robust: restored loss state from checkpoint")
+        if self.loss is None:
+            logging.warning("--resume: the checkpoint holds openclip-robust loss state (e.g. DiVE's m) but "
+                            "no --robust-loss is given: that state is dropped")
+            return
+        self.loss.load_state_dict(state["loss"])
+        logging.info("openclip-robust: restored loss state from the checkpoint")

@@ -3,7 +3,7 @@
 A method is an ``nn.Module`` called like open_clip's losses, ``loss(**model_out,
 output_dict=True)``, returning a dict of named scalar terms that sum to the training loss. The
 target batch always goes through upstream's own contrastive loss (``open_clip.create_loss``: FLYP's
-L_cl); a method adds its regulariser from the extra inputs it asks for in ``reference_inputs``.
+L_cl); a method adds its regulariser from the extra inputs it asks for in ``step_inputs``.
 Diagnostics that must not be summed go under ``"log_only"`` (logged by the patched loop).
 """
 import torch
@@ -22,14 +22,24 @@ class RobustLoss(nn.Module):
 
     @classmethod
     def validate_args(cls, args):
-        """Raise ValueError for bad values of this method's flags."""
+        """Raise ValueError for bad values of this method's flags (before anything is built)."""
 
     def __init__(self, args):
         super().__init__()
         self.contrastive = create_loss(args)  # ClipLoss / SigLipLoss, with upstream's gathering
 
-    def reference_inputs(self, model, frozen, ref_images, ref_texts):
-        """Extra loss inputs computed on the reference batch (inside autocast)."""
+    def setup(self, args, model):
+        """The freshly loaded model, before locking, DDP and resume: freeze towers, build teachers."""
+
+    def param_groups(self):
+        """Extra optimizer param groups (e.g. this loss's own trainable parameters)."""
+        return []
+
+    def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
+        """Add or replace loaders in upstream's `data` dict."""
+
+    def step_inputs(self, model, frozen, images, texts, reference=None):
+        """Extra loss inputs for this step, inside autocast. `reference` is (images, texts) or None."""
         return {}
 
     def regularizer(self, logit_scale, **inputs):

@@ -62,7 +62,8 @@ class DiVELoss(RobustLoss):
     def set_extra_state(self, state):
         self.m, self.steps = state["m"], int(state["steps"])
 
-    def reference_inputs(self, model, frozen, ref_images, ref_texts):
+    def step_inputs(self, model, frozen, images, texts, reference=None):
+        ref_images, ref_texts = reference
         out = model(ref_images, ref_texts)
         pre = frozen_features(frozen, ref_images, ref_texts)
         return {"ref_image_features": out["image_features"], "ref_text_features": out["text_features"],

@@ -16,7 +16,8 @@ class ReplayLoss(RobustLoss):
         super().__init__(args)
         self.lam = args.replay_lambda
 
-    def reference_inputs(self, model, frozen, ref_images, ref_texts):
+    def step_inputs(self, model, frozen, images, texts, reference=None):
+        ref_images, ref_texts = reference
         out = model(ref_images, ref_texts)
         return {"ref_image_features": out["image_features"], "ref_text_features": out["text_features"]}
 

@@ -18,7 +18,8 @@ class SnDLoss(RobustLoss):
         super().__init__(args)
         self.lam = args.snd_lambda
 
-    def reference_inputs(self, model, frozen, ref_images, ref_texts):
+    def step_inputs(self, model, frozen, images, texts, reference=None):
+        ref_images, ref_texts = reference
         return {"ref_image_features": model(ref_images, None)["image_features"],
                 "ref_pre_image_features": frozen_features(frozen, ref_images)["image_features"]}
 
