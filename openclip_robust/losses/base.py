@@ -58,9 +58,14 @@ class RobustLoss(nn.Module):
         return losses
 
 
+def fp32(t):
+    """At least fp32: difference vectors are ~1e-3 to 1e-4, which half precision loses."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def sq_dist(a, b):
-    """Per-row squared Euclidean distance, in fp32 (difference vectors are ~1e-3: AMP loses them)."""
-    return (a.float() - b.float()).pow(2).sum(-1)
+    """Per-row squared Euclidean distance, in at least fp32."""
+    return (fp32(a) - fp32(b)).pow(2).sum(-1)
 
 
 def frozen_features(frozen, images=None, texts=None):

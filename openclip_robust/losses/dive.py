@@ -10,7 +10,7 @@ f_ft(x).f_pre(x) and g_ft(t).g_pre(t) instead of u and v.
 import torch
 
 from openclip_robust.distributed import all_reduce_mean
-from openclip_robust.losses.base import RobustLoss, frozen_features, sq_dist
+from openclip_robust.losses.base import RobustLoss, fp32, frozen_features, sq_dist
 from openclip_robust.registry import register_loss
 
 TERMS = ("avl", "pvl")
@@ -70,7 +70,7 @@ class DiVELoss(RobustLoss):
                 "ref_pre_image_features": pre["image_features"], "ref_pre_text_features": pre["text_features"]}
 
     def difference_vectors(self, f_ft, f_pre, g_ft, g_pre):
-        f_ft, f_pre, g_ft, g_pre = (t.float() for t in (f_ft, f_pre, g_ft, g_pre))
+        f_ft, f_pre, g_ft, g_pre = (fp32(t) for t in (f_ft, f_pre, g_ft, g_pre))
         if self.cosine:
             return (f_ft * f_pre).sum(-1, keepdim=True), (g_ft * g_pre).sum(-1, keepdim=True)
         return f_ft - f_pre, g_ft - g_pre

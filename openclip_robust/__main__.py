@@ -1,0 +1,189 @@
+"""``python -m openclip_robust <command>`` (console script ``openclip-robust``).
+
+Each command is an entry of COMMANDS: name → (help, add_args(parser), run(args)). Commands only
+parse and call the module function; add new ones by adding an entry.
+"""
+import argparse
+import json
+import logging
+import sys
+
+
+def _runs(specs, model, pretrained):
+    """--run NAME=CHECKPOINT (NAME 'method/label' groups seeds; empty or 'pretrained' = base weights)."""
+    from openclip_robust.evaluation import Run
+    runs = []
+    for spec in specs or ["pre-trained="]:
+        name, sep, ckpt = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--run {spec!r}: expected NAME=CHECKPOINT")
+        ckpt = None if ckpt in ("", "pretrained", "none") else ckpt
+        runs.append(Run(name=name, model=model, checkpoint=ckpt, pretrained=pretrained))
+    return runs
+
+
+def _model_args(p):
+    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-16 or local-dir:/path")
+    p.add_argument("--pretrained", default=None,
+                   help="pre-trained weights (tag or file) for a named model; ignored for local-dir:")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="data loader workers")
+
+
+def _print(obj):
+    print(json.dumps(obj, indent=1, default=str))
+
+
+# -- make-target-shards ----------------------------------------------------------------------------
+def _target_args(p):
+    p.add_argument("source", help="ImageFolder dir, or CSV/TSV of path<TAB>label (class name or index)")
+    p.add_argument("out", help="output folder for 000000.tar, ... + sizes.json, classnames.txt, templates.txt")
+    p.add_argument("--classnames", help="class names file, one per line (required for a CSV/TSV)")
+    p.add_argument("--templates", help="templates file, one per line with {c} or {} (default: OpenAI ImageNet 80)")
+    _writer_args(p)
+
+
+def _writer_args(p):
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="shuffle and template draws")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    p.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    p.add_argument("--image-root", help="base for relative paths in a CSV/TSV (default: its folder)")
+
+
+def _target_run(a):
+    from openclip_robust.shards import make_target_shards
+    _print(make_target_shards(a.source, a.out, a.classnames, a.templates, a.samples_per_shard, a.seed,
+                              not a.no_shuffle, a.workers, a.image_root))
+
+
+# -- make-ref-shards / check-ref-shards ------------------------------------------------------------
+def _ref_args(p):
+    p.add_argument("source", help="CSV/TSV of path<TAB>caption, or a folder of x.jpg + x.txt")
+    p.add_argument("out", help="output folder for 000000.tar, ... + sizes.json")
+    _writer_args(p)
+
+
+def _ref_run(a):
+    from openclip_robust.shards import make_ref_shards
+    _print(make_ref_shards(a.source, a.out, a.samples_per_shard, a.seed, not a.no_shuffle, a.workers,
+                           a.image_root))
+
+
+def _check_args(p):
+    p.add_argument("shards", help="shard folder, brace pattern or '::' list (e.g. img2dataset output)")
+    p.add_argument("--decode", action="store_true", help="also decode every image (slow)")
+    p.add_argument("--write-sizes", action="store_true", help="write sizes.json (valid samples per shard)")
+
+
+def _check_run(a):
+    from openclip_robust.shards import check_ref_shards
+    stats = check_ref_shards(a.shards, a.decode, a.write_sizes)
+    _print(stats)
+    return 0 if stats["valid"] else 1
+
+
+# -- evaluate / report ----------------------------------------------------------------------------
+def _eval_args(p):
+    p.add_argument("--suite", required=True, help="suite JSON (format: docs/toolkit.md)")
+    _model_args(p)
+    p.add_argument("--run", action="append", metavar="NAME=CHECKPOINT",
+                   help="repeatable; NAME may be method/label (seeds of a method are averaged); "
+                        "NAME= evaluates the base weights (default: one run 'pre-trained=')")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png")
+    p.add_argument("--rsa", help="RSA JSON from the rsa command, fills the RSA column")
+    p.add_argument("--amp", action="store_true", help="autocast (off by default: exact numbers)")
+
+
+def _eval_run(a):
+    from openclip_robust.evaluation import evaluate
+    res = evaluate(_runs(a.run, a.model, a.pretrained), a.suite, a.out, a.device, a.batch_size, a.workers,
+                   a.amp, a.rsa)
+    from openclip_robust.report import markdown_table
+    print(markdown_table(res))
+
+
+def _report_args(p):
+    p.add_argument("results", nargs="+", help="results.json files (runs are merged)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--rsa", help="RSA JSON ({run name or method: scores})")
+    p.add_argument("--stem", default="report", help="output file stem")
+
+
+def _report_run(a):
+    from openclip_robust import report
+    res = report.load_results(a.results)
+    if a.rsa:
+        report.attach_rsa(res, a.rsa)
+    _print(report.write_report(res, a.out, a.stem))
+    print(report.markdown_table(res))
+
+
+# -- rsa -------------------------------------------------------------------------------------------
+def _rsa_args(p):
+    _model_args(p)
+    p.add_argument("--data", required=True, help="image-caption set: shards, or a folder of x.jpg + x.txt")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=CHECKPOINT",
+                   help="fine-tuned checkpoint(s), repeatable")
+    p.add_argument("--pre-name", default="pre-trained", help="name of the pre-trained run in the output")
+    p.add_argument("--max-samples", type=int, default=8000, help="first M pairs (paper: Flickr8K, M=8000)")
+    p.add_argument("--block-size", type=int, default=512, help="rows per block (memory ~ block * 2M)")
+    p.add_argument("--out", help="write the scores JSON here")
+
+
+def _rsa_run(a):
+    from openclip_robust.evaluation import Run
+    from openclip_robust.rsa import rsa_runs
+    pre = Run(name=a.pre_name, model=a.model, pretrained=a.pretrained)
+    scores = rsa_runs(pre, _runs(a.run, a.model, a.pretrained), a.data, a.max_samples, a.batch_size, a.device,
+                      a.workers, a.block_size)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(scores, f, indent=1)
+    _print(scores)
+
+
+# -- wise ------------------------------------------------------------------------------------------
+def _wise_args(p):
+    _model_args(p)
+    p.add_argument("--finetuned", required=True, help="fine-tuned checkpoint")
+    p.add_argument("--pre-checkpoint", help="pre-trained checkpoint (default: the model's own weights)")
+    p.add_argument("--alphas", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                   help="comma-separated a (weight of the fine-tuned model)")
+    p.add_argument("--suite", help="suite whose 'id' datasets (ID validation) choose a; needed for several a")
+    p.add_argument("--out", required=True, help="output checkpoint {'state_dict': ...}")
+
+
+def _wise_run(a):
+    from openclip_robust.wise import wise_ft
+    res = wise_ft(a.model, a.finetuned, [float(x) for x in a.alphas.split(",")], a.out, a.suite, a.pretrained,
+                  a.pre_checkpoint, a.device, a.batch_size, a.workers)
+    _print({k: v for k, v in res.items() if k != "state_dict"})
+
+
+COMMANDS = {
+    "make-target-shards": ("write FLYP-style target shards (image, cls, txt) + metadata", _target_args, _target_run),
+    "make-ref-shards": ("write reference image-caption shards + sizes.json", _ref_args, _ref_run),
+    "check-ref-shards": ("count image+txt samples of existing shards (e.g. img2dataset)", _check_args, _check_run),
+    "evaluate": ("evaluate checkpoints on a suite: JSON + markdown table + plot", _eval_args, _eval_run),
+    "rsa": ("RSA geometry score of fine-tuned vs pre-trained embeddings", _rsa_args, _rsa_run),
+    "wise": ("WiSE-FT weight interpolation, a chosen on the ID role", _wise_args, _wise_run),
+    "report": ("table + plot from results.json files (mean ± std over seeds)", _report_args, _report_run),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="openclip-robust", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import torch
+    torch.set_flush_denormal(True)
+    return COMMANDS[args.command][2](args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Results table (markdown, the paper's layout) and plot; mean ± std over runs of the same method.
+
+Results format (what ``evaluation.evaluate`` returns and writes as results.json)::
+
+    {"suite": "...", "runs": [{"name": "dive/seed0", "method": "dive", "model": "...", "checkpoint": "...",
+                               "datasets": {"digits": {"role": "id", "metric": "top1", "score": 0.91, ...}},
+                               "roles": {"id": 0.91, "ood": ..., "zeroshot": ..., "retrieval": ...},
+                               "rsa": {"image": ..., "text": ..., "joint": ...}}]}
+
+Runs with the same ``method`` are aggregated: mean ± sample standard deviation (ddof = 1) when
+there are several. Accuracy-like scores print as percentages; RSA (joint) as a correlation.
+"""
+import json
+import os
+import statistics
+from pathlib import Path
+
+COLUMNS = (("id", "ID"), ("ood", "OOD avg"), ("zeroshot", "ZS avg"), ("retrieval", "Retrieval"), ("rsa", "RSA"))
+
+
+def _value(run, key):
+    if key == "rsa":
+        rsa = run.get("rsa")
+        return rsa.get("joint") if isinstance(rsa, dict) else rsa
+    return run.get("roles", {}).get(key)
+
+
+def summarize(runs):
+    """[(method, n_runs, {column: (mean, std or None)})] in first-appearance order of the methods."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(run.get("method") or run["name"], []).append(run)
+    out = []
+    for method, members in groups.items():
+        cols = {}
+        for key, _ in COLUMNS:
+            values = [v for v in (_value(r, key) for r in members) if v is not None]
+            if values:
+                cols[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+        out.append((method, len(members), cols))
+    return out
+
+
+def _fmt(key, stat):
+    if stat is None:
+        return "–"
+    mean, std = stat
+    scale, digits = (1, 3) if key == "rsa" else (100, 1)
+    text = f"{mean * scale:.{digits}f}"
+    return text if std is None else f"{text} ± {std * scale:.{digits}f}"
+
+
+def markdown_table(results):
+    """Method × ID / OOD avg / ZS avg / Retrieval / RSA, then headline scores per dataset."""
+    runs = results["runs"]
+    summary = summarize(runs)
+    keys = [k for k, _ in COLUMNS if any(k in cols for _, _, cols in summary)]
+    header = ["method", "runs"] + [title for k, title in COLUMNS if k in keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, n, cols in summary:
+        lines.append("| " + " | ".join([method, str(n)] + [_fmt(k, cols.get(k)) for k in keys]) + " |")
+    datasets = {}
+    for run in runs:
+        for name, d in run.get("datasets", {}).items():
+            datasets.setdefault(name, (d["role"], d["metric"]))
+    if datasets:
+        lines += ["", "Per dataset (headline metric, %):", "",
+                  "| method | " + " | ".join(f"{n} ({r}, {m})" for n, (r, m) in datasets.items()) + " |",
+                  "|" + "---|" * (len(datasets) + 1)]
+        for method in dict.fromkeys(r.get("method") or r["name"] for r in runs):
+            members = [r for r in runs if (r.get("method") or r["name"]) == method]
+            cells = []
+            for name in datasets:
+                values = [r["datasets"][name]["score"] for r in members if name in r.get("datasets", {})]
+                cells.append(_fmt("score", (statistics.fmean(values), statistics.stdev(values) if len(values) > 1
+                                         else None)) if values else "–")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    """Grouped bars per method (ID, OOD, ZS, retrieval if any, RSA), error bars = std over runs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summary = summarize(results["runs"])
+    keys = [(k, t) for k, t in COLUMNS if any(k in cols for _, _, cols in summary)]
+    width = 0.8 / max(1, len(keys))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(summary) * max(1, len(keys)) / 2.5), 3.5))
+    for j, (key, title) in enumerate(keys):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(summary))]
+        means = [cols[key][0] if key in cols else 0.0 for _, _, cols in summary]
+        errs = [(cols[key][1] or 0.0) if key in cols else 0.0 for _, _, cols in summary]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=title)
+    ax.set_xticks(range(len(summary)), [m for m, _, _ in summary], rotation=20, ha="right")
+    ax.set_ylabel("accuracy / recall / RSA (0–1)")
+    ax.set_ylim(min(0.0, *(cols[k][0] for _, _, cols in summary for k, _ in keys if k in cols)), 1.0)
+    ax.legend(fontsize="small", ncol=len(keys), loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def attach_rsa(results, rsa):
+    """Fill run["rsa"] from {run name or method: score or {"joint", ...}} or a JSON file of it."""
+    if isinstance(rsa, (str, os.PathLike)):
+        rsa = json.loads(Path(rsa).read_text())
+    for run in results["runs"]:
+        value = rsa.get(run["name"], rsa.get(run.get("method")))
+        if value is not None:
+            run["rsa"] = value if isinstance(value, dict) else {"joint": float(value)}
+    return results
+
+
+def load_results(paths):
+    """Merge the runs of several results.json files."""
+    merged = {"suite": None, "runs": []}
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        merged["suite"] = merged["suite"] or data.get("suite")
+        merged["runs"] += data["runs"]
+    return merged
+
+
+def write_report(results, out_dir, stem="results"):
+    """Write {stem}.json, {stem}.md and {stem}.png into out_dir; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(results, indent=1))
+    paths["md"].write_text(markdown_table(results))
+    plot(results, paths["png"])
+    return {k: str(v) for k, v in paths.items()}
