@@ -11,7 +11,7 @@ centred sums of squares and cross-products) in float64, and merged exactly (Chan
 pairwise update; also numerically stable for the 128M pairs of 16,000 points). Peak memory is
 about 2 · block_size · N · (4 + 8) bytes for N points, plus normalised copies of the inputs.
 Measured peak resident memory above the inputs, M = 8,000 image-caption pairs of d = 512 (the
-joint score has N = 16,000 points), both models (``/proc`` VmHWM, command in docs/toolkit.md):
+joint score has N = 16,000 points), both models (``/proc`` VmHWM, command in the README toolkit section):
 0.17 GiB at block_size 256, 0.26 GiB at 512 (default), 0.52 GiB at 1024 — against 1.9 GiB for a
 single 16,000² float64 RDM, of which the direct computation needs one per model. Time: 35 s for
 image + text + joint on 2 shared CPU cores.

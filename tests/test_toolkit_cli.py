@@ -1,4 +1,4 @@
-"""`python -m openclip_robust` toolkit commands, run in-process on the embedded demo data (docs/toolkit.md's flow)."""
+"""`python -m openclip_robust` toolkit commands, run in-process on the embedded demo data (the README toolkit section)."""
 import json
 import subprocess
 import sys

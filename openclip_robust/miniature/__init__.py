@@ -1,4 +1,4 @@
-"""CPU miniature of the DiVE paper's experiment on real offline data (see docs/miniature.md)."""
+"""CPU miniature of the DiVE paper's experiment on real offline data (see the README's miniature section)."""
 
 
 def model_a(out="runs/miniature", quick=False, rebuild=False):
