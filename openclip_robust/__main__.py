@@ -86,7 +86,7 @@ def _check_run(a):
 
 # -- evaluate / report ----------------------------------------------------------------------------
 def _eval_args(p):
-    p.add_argument("--suite", required=True, help="suite JSON (format: README, "Evaluation")")
+    p.add_argument("--suite", required=True, help="suite JSON (format: the README's Evaluation section)")
     _model_args(p)
     p.add_argument("--run", action="append", metavar="NAME=CHECKPOINT",
                    help="repeatable; NAME may be method/label (seeds of a method are averaged); "

@@ -95,7 +95,7 @@ def add_cli_args(p):
     p.add_argument("--upgraded-model", required=True, help="upgraded model B with the same token space")
     p.add_argument("--upgraded-pretrained", default=None, help="B's weights")
     p.add_argument("--upgraded-checkpoint", default=None, help="optional training checkpoint loaded into B")
-    p.add_argument("--suite", required=True, help="suite JSON (format: README, "Evaluation")")
+    p.add_argument("--suite", required=True, help="suite JSON (format: the README's Evaluation section)")
     p.add_argument("--out", default=None, help="folder for prompt_results.json")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
