@@ -21,3 +21,24 @@ def freeze_bn_stats(model):
     for m in bns:
         m.eval()
     return len(bns)
+
+
+def check_upstream_bn_freeze(args, model):
+    """Refuse upstream's ``--lock-image-freeze-bn-stats`` on towers with fused BatchNorm + activation.
+
+    open_clip 3.3.0's ``freeze_batch_norm_2d`` swaps every ``BatchNorm2d`` subclass for a plain
+    ``FrozenBatchNorm2d``; timm's ``BatchNormAct2d`` (EfficientNet, MobileNet, ...) carries its
+    activation inside, so the swap silently deletes it (timm's own freeze handles NormAct layers since
+    pytorch-image-models#1633; open_clip's copy does not). ``--robust-bn frozen`` gives the same
+    running-statistics behaviour without replacing modules.
+    """
+    if not getattr(args, "lock_image_freeze_bn_stats", False):
+        return
+    plain = (nn.BatchNorm2d, nn.SyncBatchNorm)
+    fused = sorted({type(m).__name__ for m in model.modules()
+                    if isinstance(m, nn.BatchNorm2d) and type(m) not in plain})
+    if fused:
+        raise ValueError(f"--lock-image-freeze-bn-stats: the image tower has {', '.join(fused)} (BatchNorm fused "
+                         f"with its activation); open_clip's freeze replaces it by a plain FrozenBatchNorm2d and "
+                         f"drops the activation, which breaks the pre-trained tower. Drop the flag: the plugin "
+                         f"keeps every BatchNorm on its running statistics with --robust-bn frozen (its default)")

@@ -9,7 +9,7 @@ from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master
 
-from openclip_robust.frozen import freeze_bn_stats, frozen_copy
+from openclip_robust.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
 from openclip_robust.reference import ReferenceStream, readable_shards
 from openclip_robust.registry import get_loss_class, loss_names
 from openclip_robust.shards import PromptRedrawTokenizer
@@ -115,6 +115,7 @@ class RobustPlugin:
     def on_model_created(self, args, model, device):
         if self.method is None:
             return
+        check_upstream_bn_freeze(args, model)
         if args.ref_teacher_cache:
             self.weights_hash = teacher_cache.weights_sha256(model)
         if self.method.needs_frozen and not (args.ref_teacher_cache and self.method.frozen_on_reference_only):

@@ -13,7 +13,7 @@ from torch import nn
 from open_clip_train.params import parse_args
 from open_clip_train.plugins import PluginManager
 
-from openclip_robust.frozen import freeze_bn_stats
+from openclip_robust.frozen import check_upstream_bn_freeze, freeze_bn_stats
 from openclip_robust.plugin import RobustPlugin
 from openclip_robust.reference import readable_shards
 
@@ -108,6 +108,23 @@ def test_bn_statistics_stay_frozen_while_affine_trains():
     assert torch.equal(model[1].running_mean, before)
     assert model[1].weight.grad is not None and model[1].weight.grad.abs().sum() > 0
     assert model[0].training  # only BatchNorm leaves train mode
+
+
+def test_upstream_bn_freeze_refused_on_fused_batchnorm_act():
+    from open_clip.utils import freeze_batch_norm_2d
+    from timm.layers import BatchNormAct2d
+    fused = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU6)).eval()
+    x = torch.randn(2, 3, 5, 5) * 3
+    expected = fused(x)
+    assert expected.min() >= 0  # ReLU6 inside the BatchNorm
+    # why it is refused: upstream's freeze swaps the fused layer for a plain one and loses the activation
+    broken = freeze_batch_norm_2d(nn.Sequential(*[m for m in fused])).eval()
+    assert broken(x).min() < 0
+    args = parse(["--robust-loss", "flyp", "--lock-image-freeze-bn-stats"])
+    with pytest.raises(ValueError, match=r"--lock-image-freeze-bn-stats: .*BatchNormAct2d.*--robust-bn frozen"):
+        check_upstream_bn_freeze(args, fused)
+    check_upstream_bn_freeze(args, nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))  # plain BN: fine
+    check_upstream_bn_freeze(parse(["--robust-loss", "flyp"]), fused)  # flag not given: fine
 
 
 # -- set-up ---------------------------------------------------------------------------------------

@@ -50,9 +50,10 @@ def build_model_b(dst, stage, steps, unlocked_groups, lr, batch_size=64):
             "--dataset-type", "webdataset", "--dataset-resampled", "--train-num-samples", str(steps * batch_size),
             "--batch-size", str(batch_size), "--epochs", "1", "--lr", str(lr), "--wd", "0.1", "--warmup", "5",
             "--workers", "1", "--precision", "fp32", "--seed", "0", "--lock-image",
-            "--lock-image-unlocked-groups", str(unlocked_groups), "--lock-image-freeze-bn-stats",
-            # the plugin's flyp = upstream's contrastive loss with every BatchNorm on running statistics: in
-            # train mode the unlocked blocks' statistics drift to clip art and B collapses on Fashion-MNIST
+            "--lock-image-unlocked-groups", str(unlocked_groups),
+            # the plugin's flyp = upstream's contrastive loss with every BatchNorm on running statistics (in
+            # train mode the statistics drift to clip art and B collapses on Fashion-MNIST). Not upstream's
+            # --lock-image-freeze-bn-stats: it drops the activation fused into timm's BatchNormAct2d.
             "--robust-loss", "flyp",
             "--logs", str(dst / "logs"), "--name", "b", "--report-to", "", "--log-every-n-steps", "5"]
     upstream(args, dst / "train.log")
@@ -175,7 +176,7 @@ def run(cfg, out, seeds, which, shots, epochs, lr, b_steps, b_groups, b_lr):
     stage = prepare(cfg, cache_root)
     model_a = stage.model
     model_b = cached(cache_root, "contcoop-model-b",
-                     {"model": stage.keys["model"], "steps": b_steps, "groups": b_groups, "lr": b_lr, "bn": "frozen"},
+                     {"model": stage.keys["model"], "steps": b_steps, "groups": b_groups, "lr": b_lr, "bn": "eval"},
                      lambda d: build_model_b(d, stage, b_steps, b_groups, b_lr))
     results = {"model_a": str(model_a), "model_b": str(model_b), "tasks": {}}
     for task, (train_dir, test_dir) in tasks(stage, cfg, cache_root, shots, which).items():
