@@ -1,4 +1,4 @@
-"""python -m openclip_robust.miniature [--quick] [--seeds N] [--out runs/miniature] [--rebuild]"""
+"""python -m openclip_robust.miniature [--quick] [--seeds N] [--out runs/miniature] [--rebuild] [--jobs N]"""
 import argparse
 import dataclasses
 import logging
@@ -14,11 +14,15 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per method (mean ± std)")
     ap.add_argument("--out", default="runs/miniature", help="results and cache folder")
     ap.add_argument("--rebuild", action="store_true", help="rebuild cached data, model A and fine-tunes")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="fine-tunes run at a time, one thread each (default: the number of cores)")
     ap.add_argument("--steps", type=int, help="override the fine-tuning steps")
     ap.add_argument("--lambda-grid", help="comma-separated DiVE λ values (default: the paper's grid)")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         ap.error("--seeds must be >= 1")
+    if a.jobs is not None and a.jobs < 1:
+        ap.error("--jobs must be >= 1")
     over = dict(QUICK) if a.quick else {}
     if a.steps:
         over["steps"] = a.steps
@@ -29,7 +33,7 @@ def main(argv=None):
             ap.error(f"--lambda-grid {a.lambda_grid!r}: expected numbers separated by commas")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        run_experiment(dataclasses.replace(Config(), **over), a.out, a.seeds, a.rebuild)
+        run_experiment(dataclasses.replace(Config(), **over), a.out, a.seeds, a.rebuild, a.jobs)
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

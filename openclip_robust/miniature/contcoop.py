@@ -3,9 +3,10 @@
     python -m openclip_robust.miniature.contcoop [--quick] [--seeds 3] [--tasks fashion,clipart] [--out DIR]
 
 Model A: the miniature's cached small real CLIP (EfficientNet-Lite0 + MiniLM, LiT-aligned).
-Model B: A trained further contrastively on the reference pairs with a stronger image side (plain
-upstream loop, the top image blocks unlocked, the text tower trainable), as EVA-CLIP started from
-CLIP's text encoder: same tokenizer and token space, moved text features (reported).
+Model B: built as EVA-CLIP was, a new image side against the old text encoder: A's image projection
+re-initialised, the top image block group unlocked, 80 px instead of 64, trained contrastively on the
+reference pairs through upstream's loop; the text transformer frozen (same tokenizer and token space),
+its projection trained, so B's text features move a little (reported).
 Tasks: K-shot Fashion-MNIST and held-out clip-art categories (a per-class train/test split).
 Methods: zero-shot, linear probe on A's image features (applied to B's), coop, kgcoop, contcoop.
 """
@@ -44,22 +45,37 @@ def upstream(args, log_path):
 
 
 # -- model B ---------------------------------------------------------------------------------------------
-def build_model_b(dst, stage, steps, unlocked_groups, lr, batch_size=64):
+def build_model_b(dst, stage, steps, unlocked_groups, lr, image_size, batch_size=64):
+    """B the way EVA-CLIP was built: a new image side (a freshly initialised image projection, the top
+    image blocks unlocked, larger images) trained contrastively against A's text tower, of which the
+    transformer stays frozen (same token space) and only the text projection trains."""
     dst = Path(dst)
-    args = ["--model", f"local-dir:{stage.model}", "--train-data", shard_spec(stage.data / "reference"),
+    for f in Path(stage.model).iterdir():  # config and tokenizer files: B shares A's token space
+        if f.is_file() and f.name not in (WEIGHTS_FILE, "DONE", "params.json"):
+            shutil.copy(f, dst / f.name)
+    config = json.loads((dst / "open_clip_config.json").read_text())
+    config["model_cfg"]["vision_cfg"]["image_size"] = image_size
+    (dst / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    weights = torch.load(Path(stage.model) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for name in [k for k in weights if k.startswith("visual.head.proj.")]:
+        w = weights[name]
+        weights[name] = (torch.randn(w.shape, generator=generator) * w.shape[-1] ** -0.5 if w.dim() == 2
+                         else torch.zeros_like(w))
+    torch.save(weights, dst / WEIGHTS_FILE)
+    args = ["--model", f"local-dir:{dst}", "--train-data", shard_spec(stage.data / "reference"),
             "--dataset-type", "webdataset", "--dataset-resampled", "--train-num-samples", str(steps * batch_size),
-            "--batch-size", str(batch_size), "--epochs", "1", "--lr", str(lr), "--wd", "0.1", "--warmup", "5",
+            "--batch-size", str(batch_size), "--epochs", "1", "--lr", str(lr), "--wd", "0.1", "--warmup", "10",
             "--workers", "1", "--precision", "fp32", "--seed", "0", "--lock-image",
             "--lock-image-unlocked-groups", str(unlocked_groups),
+            # (upstream's --lock-text-unlocked-layers fails on BERT towers: KeyError 'layer_attr')
+            "--lock-text", "--lock-text-freeze-layer-norm",
             # the plugin's flyp = upstream's contrastive loss with every BatchNorm on running statistics (in
             # train mode the statistics drift to clip art and B collapses on Fashion-MNIST). Not upstream's
             # --lock-image-freeze-bn-stats: it drops the activation fused into timm's BatchNormAct2d.
             "--robust-loss", "flyp",
             "--logs", str(dst / "logs"), "--name", "b", "--report-to", "", "--log-every-n-steps", "5"]
     upstream(args, dst / "train.log")
-    for f in Path(stage.model).iterdir():  # config and tokenizer files: B shares A's token space
-        if f.is_file() and f.name not in (WEIGHTS_FILE, "DONE", "params.json"):
-            shutil.copy(f, dst / f.name)
     state = torch.load(dst / "logs" / "b" / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
     torch.save({k.removeprefix("module."): v for k, v in state["state_dict"].items()}, dst / WEIGHTS_FILE)
     shutil.rmtree(dst / "logs")
@@ -167,7 +183,7 @@ def harmonic(a, b):
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
-def run(cfg, out, seeds, which, shots, epochs, lr, b_steps, b_groups, b_lr):
+def run(cfg, out, seeds, which, shots, epochs, lr, b_steps, b_groups, b_lr, b_image_size):
     from openclip_robust.prompt_eval import evaluate_prompt_module
     torch.set_flush_denormal(True)
     t0 = time.time()
@@ -176,8 +192,9 @@ def run(cfg, out, seeds, which, shots, epochs, lr, b_steps, b_groups, b_lr):
     stage = prepare(cfg, cache_root)
     model_a = stage.model
     model_b = cached(cache_root, "contcoop-model-b",
-                     {"model": stage.keys["model"], "steps": b_steps, "groups": b_groups, "lr": b_lr, "bn": "eval"},
-                     lambda d: build_model_b(d, stage, b_steps, b_groups, b_lr))
+                     {"model": stage.keys["model"], "steps": b_steps, "groups": b_groups, "lr": b_lr, "bn": "eval",
+                      "image_size": b_image_size, "recipe": "new-image-head"},
+                     lambda d: build_model_b(d, stage, b_steps, b_groups, b_lr, b_image_size))
     results = {"model_a": str(model_a), "model_b": str(model_b), "tasks": {}}
     for task, (train_dir, test_dir) in tasks(stage, cfg, cache_root, shots, which).items():
         names = sh.read_lines(Path(train_dir) / "classnames.txt")
@@ -232,13 +249,14 @@ def main(argv=None):
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=5, help="prompt training epochs (K x C / 32 steps each)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--b-steps", type=int, default=40, help="model B: further contrastive steps (batch 64)")
-    ap.add_argument("--b-groups", type=int, default=2, help="model B: unlocked top image block groups")
-    ap.add_argument("--b-lr", type=float, default=5e-5)
+    ap.add_argument("--b-steps", type=int, default=200, help="model B: further contrastive steps (batch 64)")
+    ap.add_argument("--b-groups", type=int, default=1, help="model B: unlocked top image block groups")
+    ap.add_argument("--b-lr", type=float, default=1e-3)
+    ap.add_argument("--b-image-size", type=int, default=80, help="model B's input resolution (A: 64)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = Config(**(QUICK if a.quick else {}))
-    run(cfg, a.out, a.seeds, a.tasks.split(","), a.shots, a.epochs, a.lr, a.b_steps, a.b_groups, a.b_lr)
+    run(cfg, a.out, a.seeds, a.tasks.split(","), a.shots, a.epochs, a.lr, a.b_steps, a.b_groups, a.b_lr, a.b_image_size)
     return 0
 
 

@@ -242,6 +242,15 @@ def run_method(cfg, stage, cache_root, method_args, seed, rebuild):
     return d / "model.pt"
 
 
+def run_methods(cfg, stage, cache_root, todo, rebuild, jobs=None):
+    """{(args tuple, seed): checkpoint} for every (args, seed) in `todo`, `jobs` fine-tunes at a time."""
+    todo = list(dict.fromkeys((tuple(args), seed) for args, seed in todo))
+    jobs = jobs or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        paths = list(pool.map(lambda job: run_method(cfg, stage, cache_root, list(job[0]), job[1], rebuild), todo))
+    return dict(zip(todo, paths))
+
+
 def id_val_score(stage, checkpoint):
     from openclip_robust.evaluation import evaluate_model, load_model
     model, preprocess, tokenizer = load_model(f"local-dir:{stage.model}", str(checkpoint))
@@ -258,7 +267,7 @@ def dive_args(lam, terms="avl,pvl"):
     return ["--robust-loss", "dive", "--dive-lambda", f"{lam:g}", "--dive-terms", terms]
 
 
-def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False):
+def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None):
     from openclip_robust import report
     from openclip_robust.evaluation import Run, evaluate
     from openclip_robust.rsa import rsa_runs
@@ -270,21 +279,26 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False):
     cache_root = out / "cache"
     stage = prepare(cfg, cache_root, rebuild)
     model_name = f"local-dir:{stage.model}"
-    # λ on ID validation, seed 0 only
+    # Fine-tunes are single-threaded subprocesses: run `jobs` at a time (one per core by default).
+    # First the λ grid (seed 0) beside the methods that need no λ, then the λ-dependent ones.
+    seeds_ = [cfg.seed + s for s in range(seeds)]
+    first = [(dive_args(lam), cfg.seed) for lam in cfg.lambda_grid] + \
+            [(args, seed) for seed in seeds_ for args in BASE_METHODS.values()]
+    ckpts = run_methods(cfg, stage, cache_root, first, rebuild, jobs)
     grid = {}
     for lam in cfg.lambda_grid:
-        ckpt = run_method(cfg, stage, cache_root, dive_args(lam), cfg.seed, rebuild)
-        grid[lam] = id_val_score(stage, ckpt)
+        grid[lam] = id_val_score(stage, ckpts[(tuple(dive_args(lam)), cfg.seed)])
         print(f"[miniature] DiVE λ={lam:g}: ID-val top-1 {grid[lam]:.4f}", flush=True)
     lam = choose_lambda(grid, cfg.lambda_tolerance)
     print(f"[miniature] chosen λ = {lam:g}", flush=True)
     methods = {**BASE_METHODS, "dive": dive_args(lam), "dive-avl": dive_args(lam, "avl"),
                "dive-pvl": dive_args(lam, "pvl")}
+    ckpts.update(run_methods(cfg, stage, cache_root, [(args, seed) for seed in seeds_ for args in methods.values()],
+                             rebuild, jobs))
     runs = [Run(name="pre-trained", model=model_name)]
-    for s in range(seeds):
-        seed = cfg.seed + s
+    for seed in seeds_:
         for name, args in methods.items():
-            ckpt = run_method(cfg, stage, cache_root, args, seed, rebuild)
+            ckpt = ckpts[(tuple(args), seed)]
             runs.append(Run(name=f"{name}/seed{seed}", model=model_name, checkpoint=str(ckpt), method=name))
             if name == "dive":
                 wise_path = ckpt.parent / f"wise_{cfg.wise_alpha:g}.pt"
