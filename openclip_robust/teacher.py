@@ -37,6 +37,19 @@ def check_teacher_flags(name, path, image_size=None):
         raise ValueError(f"--kernel-teacher-image-size {image_size}: must be >= 1")
 
 
+def teacher_input_size(name, image_size=None):
+    """(height, width) the teacher sees, without building it: --kernel-teacher-image-size, else the
+    resolution of timm's pretrained config for `name` (what VisionTeacher resolves from the built model)."""
+    if image_size:
+        return (image_size, image_size)
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    if cfg is not None and cfg.input_size:
+        return tuple(cfg.input_size[1:])
+    import timm
+    return tuple(timm.data.resolve_data_config({}, model=create_timm_model(name, None))["input_size"][1:])
+
+
 def create_timm_model(name, image_size):
     """timm model with pooled outputs (num_classes=0); ViTs built for `image_size` where given."""
     import timm

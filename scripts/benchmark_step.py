@@ -3,7 +3,7 @@
     python scripts/benchmark_step.py --model tiny --batch-size 32 --steps 20 --warmup 5 --out runs/bench
 
 Each variant (upstream without the plugin, flyp, dive, dive-cached, replay, snd, snd-cached, and
-kernel when registered) runs ``open_clip_train.main`` in a fresh process on the embedded demo data
+kernel and kernel-cached when registered) runs ``open_clip_train.main`` in a fresh process on the embedded demo data
 (real digits as target, real photographs as reference) with ``--log-every-n-steps 1``; upstream resets
 its Data (t) / Batch (t) meters after each log line, so every line is one step. Reported per variant
 and B' (B and B/4 by default): the median step time after warm-up, the data-wait share of the step
@@ -15,6 +15,9 @@ target and reference batches against two. Writes OUT/benchmark.json and OUT/benc
 
 --model: tiny (the demo's), small (4-layer, width-256 ViT CLIP at 64 px) or any open_clip model name
 (random init: nothing is downloaded). It runs on CPU and, unchanged, on a GPU (upstream picks cuda).
+The *-cached variants build their teacher cache once before the timed runs (reference: the frozen
+model over the reference shards; kernel-cached: the --kernel-args teacher over the target shards);
+its build time is reported as cache_build_s.
 """
 import argparse
 import json
@@ -35,17 +38,19 @@ SMALL_CFG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4},
 }
 
-# name -> (plugin flags, needs reference data, uses the teacher cache)
+# name -> (plugin flags, needs reference data, teacher cache kind it reads or None)
 VARIANTS = {
-    "upstream": ([], False, False),
-    "flyp": (["--robust-loss", "flyp"], False, False),
-    "dive": (["--robust-loss", "dive", "--dive-lambda", "10"], True, False),
-    "dive-cached": (["--robust-loss", "dive", "--dive-lambda", "10"], True, True),
-    "replay": (["--robust-loss", "replay"], True, False),
-    "snd": (["--robust-loss", "snd"], True, False),
-    "snd-cached": (["--robust-loss", "snd"], True, True),
-    "kernel": (["--robust-loss", "kernel"], False, False),
+    "upstream": ([], False, None),
+    "flyp": (["--robust-loss", "flyp"], False, None),
+    "dive": (["--robust-loss", "dive", "--dive-lambda", "10"], True, None),
+    "dive-cached": (["--robust-loss", "dive", "--dive-lambda", "10"], True, "reference"),
+    "replay": (["--robust-loss", "replay"], True, None),
+    "snd": (["--robust-loss", "snd"], True, None),
+    "snd-cached": (["--robust-loss", "snd"], True, "reference"),
+    "kernel": (["--robust-loss", "kernel"], False, None),
+    "kernel-cached": (["--robust-loss", "kernel"], False, "kernel-teacher"),
 }
+CACHE_FLAGS = {"reference": "--ref-teacher-cache", "kernel-teacher": "--kernel-teacher-cache"}
 GOALS = [  # (text, numerator variant, B'/B, quantity, limit)
     ("plugin with flyp vs upstream, time", "flyp", None, "time", 1.02),
     ("DiVE / FLYP time at B' = B, uncached", "dive", 1.0, "time", 2.2),
@@ -220,7 +225,7 @@ def run_isolated(mode, spec, path):
 
 
 # -- orchestration ----------------------------------------------------------------------------------
-def train_argv(a, model, target, reference, name, logs, variant, ratio, cache):
+def train_argv(a, model, target, reference, name, logs, variant, ratio, caches):
     flags, needs_ref, cached = VARIANTS[variant]
     argv = ["--model", model, "--train-data", target, "--train-num-samples", str(a.batch_size * (a.warmup + a.steps)),
             "--dataset-type", "webdataset", "--batch-size", str(a.batch_size), "--epochs", "1", "--lr", "1e-5",
@@ -231,10 +236,23 @@ def train_argv(a, model, target, reference, name, logs, variant, ratio, cache):
         argv += ["--ref-data", reference, "--ref-batch-size", str(max(1, round(a.batch_size * ratio))),
                  "--ref-workers", str(a.ref_workers)]
     if cached:
-        argv += ["--ref-teacher-cache", cache]
-    if variant == "kernel":
+        argv += [CACHE_FLAGS[cached], caches[cached]]
+    if variant.startswith("kernel"):
         argv += a.kernel_args.split()
     return argv
+
+
+def kernel_teacher_flags(kernel_args):
+    """--kernel-teacher, --kernel-teacher-pretrained, --kernel-teacher-image-size out of --kernel-args."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--kernel-teacher")
+    p.add_argument("--kernel-teacher-pretrained")
+    p.add_argument("--kernel-teacher-image-size", type=int)
+    flags, _ = p.parse_known_args(kernel_args.split())
+    if not flags.kernel_teacher or not flags.kernel_teacher_pretrained:
+        raise SystemExit("kernel-cached: give the teacher in --kernel-args (--kernel-teacher NAME "
+                         "--kernel-teacher-pretrained FILE)")
+    return flags
 
 
 def summarize(runs, a, flops):
@@ -340,7 +358,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="measured steps per run")
     ap.add_argument("--warmup", type=int, default=5, help="steps dropped before measuring")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all variants (interleaved)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list (kernel: skipped unless registered)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma list (kernel, kernel-cached: skipped unless registered)")
     ap.add_argument("--kernel-args", default="", help="extra flags for the kernel variant (e.g. its teacher)")
     ap.add_argument("--precision", default=None, help="default: amp on a GPU, fp32 on CPU")
     ap.add_argument("--workers", type=int, default=1)
@@ -367,9 +386,10 @@ def main(argv=None):
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if "kernel" in variants and "kernel" not in loss_names():
-        print("benchmark: --robust-loss kernel is not registered here: skipped", flush=True)
-        variants.remove("kernel")
+    if "kernel" not in loss_names():
+        for v in [v for v in variants if v.startswith("kernel")]:
+            print(f"benchmark: --robust-loss kernel is not registered here: {v} skipped", flush=True)
+            variants.remove(v)
     if "flyp" not in variants:
         variants.insert(0, "flyp")  # every ratio is to FLYP
     ratios = [float(r) for r in a.ref_ratios.split(",")]
@@ -381,14 +401,22 @@ def main(argv=None):
     target, reference = write_data(os.path.join(a.out, "data"), a.batch_size * (a.warmup + a.steps),
                                    max(96, 4 * a.batch_size))
     flops = tower_flops(model)
-    cache = os.path.join(a.out, "teacher_cache")
-    cache_s = None
-    if any(VARIANTS[v][2] for v in variants):
-        from openclip_robust.teacher_cache import build_cache
-        shutil.rmtree(cache, ignore_errors=True)
+    caches = {"reference": os.path.join(a.out, "teacher_cache"),
+              "kernel-teacher": os.path.join(a.out, "kernel_teacher_cache")}
+    cache_s = {}
+    for kind in sorted({VARIANTS[v][2] for v in variants} - {None}):
+        from openclip_robust.teacher_cache import build_cache, build_kernel_teacher_cache
+        shutil.rmtree(caches[kind], ignore_errors=True)
         start = time.time()
-        build_cache(model, reference, cache, precision=a.precision, batch_size=a.batch_size, workers=a.workers)
-        cache_s = time.time() - start
+        if kind == "reference":
+            build_cache(model, reference, caches[kind], precision=a.precision, batch_size=a.batch_size,
+                        workers=a.workers)
+        else:
+            t = kernel_teacher_flags(a.kernel_args)
+            build_kernel_teacher_cache(t.kernel_teacher, t.kernel_teacher_pretrained, target, caches[kind], model,
+                                       teacher_image_size=t.kernel_teacher_image_size, precision=a.precision,
+                                       batch_size=a.batch_size, workers=a.workers)
+        cache_s[kind] = time.time() - start
 
     plan = [(v, None) if not VARIANTS[v][1] else (v, r) for v in variants for r in (ratios if VARIANTS[v][1] else [None])]
     runs = []
@@ -396,7 +424,7 @@ def main(argv=None):
         for variant, ratio in plan:
             name = f"{variant}-r{ratio}-{repeat}"
             print(f"benchmark: {name}", flush=True)
-            spec = {"argv": train_argv(a, model, target, reference, name, logs, variant, ratio, cache),
+            spec = {"argv": train_argv(a, model, target, reference, name, logs, variant, ratio, caches),
                     "logs": logs, "name": name, "batch_size": a.batch_size}
             res = run_isolated("worker", spec, os.path.join(a.out, f"{name}.json"))
             measured = [s["step_s"] for s in res["steps"][a.warmup:]]

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark_step import STEP_LINE, flop_bound, parse_steps  # noqa: E402
+from benchmark_step import STEP_LINE, flop_bound, kernel_teacher_flags, parse_steps, train_argv  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +55,21 @@ def test_flop_bound_counts_towers():
     assert flop_bound("replay", 1.0, flops) == 2.0
     assert flop_bound("snd", 1.0, flops) == pytest.approx(1 + 4 * 2 / 9)  # image fwd+bwd + frozen image fwd
     assert flop_bound("snd-cached", 0.25, flops) == pytest.approx(1 + 0.25 * 6 / 9)
+
+
+def test_cached_variants_read_their_own_cache():
+    import argparse
+    a = argparse.Namespace(batch_size=8, warmup=0, steps=2, workers=1, precision="fp32", ref_workers=1,
+                           kernel_args="--kernel-teacher test_vit --kernel-teacher-pretrained /t.pth "
+                                       "--kernel-teacher-image-size 48")
+    caches = {"reference": "REF", "kernel-teacher": "KERN"}
+    argv = train_argv(a, "m", "target", "ref", "n", "logs", "kernel-cached", None, caches)
+    assert argv[argv.index("--kernel-teacher-cache") + 1] == "KERN" and "--ref-data" not in argv
+    assert argv[-6:] == a.kernel_args.split()
+    argv = train_argv(a, "m", "target", "ref", "n", "logs", "dive-cached", 1.0, caches)
+    assert argv[argv.index("--ref-teacher-cache") + 1] == "REF" and "--kernel-teacher-cache" not in argv
+    flags = kernel_teacher_flags(a.kernel_args)
+    assert (flags.kernel_teacher, flags.kernel_teacher_pretrained, flags.kernel_teacher_image_size) == \
+        ("test_vit", "/t.pth", 48)
+    with pytest.raises(SystemExit, match="give the teacher in --kernel-args"):
+        kernel_teacher_flags("--kernel-weight 1")

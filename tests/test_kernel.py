@@ -297,3 +297,167 @@ def test_weights_of_another_architecture_are_refused_with_the_first_mismatches(t
     with pytest.raises(ValueError, match=r"does not fit --kernel-teacher vit_small_patch14_dinov2: size mismatch "
                                          r"for cls_token.*\(and \d+ more\)"):
         VisionTeacher("vit_small_patch14_dinov2", teacher_file, (0.5,) * 3, (0.5,) * 3)
+
+
+# -- teacher cache on target images (--kernel-teacher-cache) ----------------------------------------
+CACHE_SIZE = "48"  # teacher resolution in these tests: quick
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory, tiny_model_dir, image_only_shards, teacher_file):
+    """Built by the command, in-process: the timm teacher's features of the 64 image-only samples."""
+    from openclip_robust.__main__ import main as cli
+    out = str(tmp_path_factory.mktemp("kcache") / "cache")
+    assert cli(["cache-teacher", "--model", f"local-dir:{tiny_model_dir}", "--train-data", image_only_shards,
+                "--kernel-teacher", "test_vit", "--kernel-teacher-pretrained", teacher_file,
+                "--kernel-teacher-image-size", CACHE_SIZE, "--out", out, "--batch-size", "20", "--workers", "1"]) == 0
+    return out
+
+
+def cache_flags(teacher_file, cache, *extra):
+    return ["--robust-loss", "kernel", "--kernel-teacher", "test_vit", "--kernel-teacher-pretrained", teacher_file,
+            "--kernel-teacher-image-size", CACHE_SIZE, "--kernel-teacher-cache", cache, *extra]
+
+
+def loss_with_cache(tiny_model_dir, shards, teacher_file, cache, workers=1, batch=8, image_mean=None):
+    """The loss as the plugin sets it up (frozen copy, setup, add_data), and the train loader it builds."""
+    args = kernel_args(teacher_file, "--kernel-teacher-image-size", CACHE_SIZE, "--kernel-teacher-cache", cache,
+                       "--train-data", shards, "--train-num-samples", "64", "--dataset-type", "webdataset",
+                       "--batch-size", str(batch), "--workers", str(workers), "--precision", "fp32")
+    model, train_t, val_t = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}", output_dict=True,
+                                                                 image_mean=image_mean)
+    args.model = f"local-dir:{tiny_model_dir}"
+    frozen = frozen_copy(model)
+    loss = KernelAlignmentLoss(args)
+    loss.setup(args, model)
+    data = {}
+    loss.add_data(args, data, (train_t, val_t), 0, open_clip.get_tokenizer(args.model))
+    return model, frozen, loss, data["train"].dataloader
+
+
+def test_kernel_cache_holds_the_teachers_view_of_every_target_image(kernel_cache, tiny_model_dir, image_only_shards,
+                                                                     teacher_file):
+    import webdataset as wds
+    from openclip_robust.teacher import VisionTeacher
+    from openclip_robust.teacher_cache import TeacherCache, file_sha256
+    cache = TeacherCache(kernel_cache, "kernel-teacher")
+    record = cache.manifest["provenance"]
+    assert cache.manifest["kind"] == "kernel-teacher" and len(cache) == 64 and cache.dims() == {"teacher_features": 64}
+    assert record["teacher"] == "test_vit" and record["teacher_image_size"] == [48, 48]
+    assert record["teacher_weights_sha256"] == file_sha256(teacher_file)
+    _, _, val = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
+    sample = next(iter(wds.WebDataset(image_only_shards.replace("{000000..000001}", "000001"), shardshuffle=False)
+                       .decode("pilrgb")))
+    mean, std = val.transforms[-1].mean, val.transforms[-1].std
+    want = VisionTeacher("test_vit", teacher_file, mean, std, image_size=48)(val(sample["png"])[None])
+    torch.testing.assert_close(cache.lookup([sample["__key__"]], "cpu")["teacher_features"], want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_cache_teacher_command_refuses_mixed_or_incomplete_flags(tmp_path, tiny_model_dir, image_only_shards,
+                                                                  ref_shards, teacher_file, capsys):
+    from openclip_robust.__main__ import main as cli
+    base = ["cache-teacher", "--model", f"local-dir:{tiny_model_dir}", "--out", str(tmp_path / "c")]
+    assert cli(base + ["--train-data", image_only_shards]) == 2
+    assert "give --kernel-teacher and --kernel-teacher-pretrained" in capsys.readouterr().err
+    assert cli(base + ["--train-data", image_only_shards, "--ref-data", ref_shards]) == 2
+    assert "exactly one of them" in capsys.readouterr().err
+    assert cli(base + ["--ref-data", ref_shards, "--kernel-teacher", "test_vit"]) == 2
+    assert "--kernel-teacher is for a kernel-teacher cache" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_cached_features_reach_step_inputs_batch_by_batch(kernel_cache, tiny_model_dir, image_only_shards,
+                                                          teacher_file):
+    """Two workers, 8 batches: each batch's looked-up rows are the teacher's features of its own images."""
+    from openclip_robust.teacher import VisionTeacher
+    model, frozen, loss, loader = loss_with_cache(tiny_model_dir, image_only_shards, teacher_file, kernel_cache,
+                                                  workers=2)
+    assert loss.teacher is None  # no teacher built
+    cfg = model.visual.preprocess_cfg
+    teacher = VisionTeacher("test_vit", teacher_file, cfg["mean"], cfg["std"], image_size=48)
+    empty = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")("")[0]
+    n = 0
+    for images, texts in loader:
+        got = loss.step_inputs(model, frozen, images, texts)["kernel_teacher"]
+        torch.testing.assert_close(got, teacher(images), rtol=1e-5, atol=1e-6)
+        assert torch.equal(texts, empty.expand_as(texts))  # the text slot is untouched
+        n += 1
+    assert n == 8 == len(loader)
+    with pytest.raises(RuntimeError, match="reached the loss without its sample keys"):
+        loss.step_inputs(model, frozen, images, texts)
+
+
+@pytest.mark.slow
+def test_cached_kernel_run_logs_the_same_losses_as_the_teacher(tmp_path, tiny_model_dir, image_only_shards,
+                                                               teacher_file, kernel_cache, monkeypatch):
+    # one step per epoch over all 64 samples: upstream's sample shuffle is unseeded, and both losses are
+    # invariant to the order within the batch. The uncached run is given the eval transform too.
+    kw = dict(epochs=3, batch=64, samples=64)
+    flags = ["--robust-loss", "kernel", "--kernel-teacher", "test_vit", "--kernel-teacher-pretrained", teacher_file,
+             "--kernel-teacher-image-size", CACHE_SIZE, "--precision", "fp32"]
+    real = KernelAlignmentLoss.add_data
+    with monkeypatch.context() as m:
+        m.setattr(KernelAlignmentLoss, "add_data",
+                  lambda self, args, data, fns, epoch, tok: real(self, args, data, (fns[1], fns[1]), epoch, tok))
+        assert run_main(train_args(tmp_path, "teacher", tiny_model_dir, image_only_shards, *flags, **kw)) is None
+    assert run_main(train_args(tmp_path, "cached", tiny_model_dir, image_only_shards, *flags,
+                               "--kernel-teacher-cache", kernel_cache, **kw)) is None
+    log = (tmp_path / "logs" / "cached" / "out.log").read_text()
+    assert "kernel teacher features from" in log and "deterministic eval transform" in log
+    for key in ("Kernel_reg", "Kernel_align", "Kernel_gamma", "Kernel_coef"):
+        plain, cached = logged(tmp_path, "teacher", key), logged(tmp_path, "cached", key)
+        assert len(plain) == 3, (key, plain)
+        assert cached == pytest.approx(plain, rel=1e-4, abs=1e-9), key
+    # not vacuous: the teacher term is there from step 1, and the student has moved by step 2
+    assert min(logged(tmp_path, "teacher", "Kernel_align")) > 1e-4
+    assert max(logged(tmp_path, "teacher", "Kernel_reg")) > 1e-3
+
+
+def test_stale_or_wrong_kernel_cache_is_refused_before_training(tmp_path, kernel_cache, image_only_shards,
+                                                                ref_shards, teacher_file, capsys):
+    other = tmp_path / "other_teacher.pth"
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), other)
+    from openclip_robust.teacher_cache import file_sha256
+    data = ["--train-data", image_only_shards]
+    err = plugin_error(data + cache_flags(str(other), kernel_cache), capsys)
+    assert "--kernel-teacher-cache" in err and "its teacher_weights_sha256 differs" in err
+    assert file_sha256(teacher_file) in err and file_sha256(str(other)) in err and "--kernel-teacher-pretrained" in err
+    err = plugin_error(data + cache_flags(teacher_file, kernel_cache, "--kernel-teacher-image-size", "64"), capsys)
+    assert "its teacher_image_size differs" in err and "cache: [48, 48]" in err and "run:   [64, 64]" in err
+    err = plugin_error(data + cache_flags(teacher_file, str(tmp_path / "none")), capsys)
+    assert "--kernel-teacher-cache" in err and "no manifest.json there" in err and "cache-teacher --train-data" in err
+    err = plugin_error(["--train-data", "synthetic", "--dataset-type", "synthetic"]
+                       + cache_flags(teacher_file, kernel_cache), capsys)
+    assert "--kernel-teacher-cache: --train-data 'synthetic' is not read as webdataset shards" in err
+    reference = tmp_path / "ref_cache"  # a reference cache (no "kind": as written before kinds existed)
+    reference.mkdir()
+    (reference / "manifest.json").write_text('{"format": 1, "provenance": {}, "shards": [], "parts": []}')
+    err = plugin_error(data + cache_flags(teacher_file, str(reference)), capsys)
+    assert "a 'reference' cache" in err and "not a 'kernel-teacher' cache" in err
+    err = plugin_error(["--train-data", image_only_shards, "--robust-loss", "dive", "--ref-data", ref_shards,
+                        "--ref-teacher-cache", kernel_cache], capsys)
+    assert "--ref-teacher-cache" in err and "a 'kernel-teacher' cache" in err
+
+
+def test_kernel_cache_of_other_preprocessing_is_refused(kernel_cache, tiny_model_dir, image_only_shards, teacher_file):
+    with pytest.raises(ValueError, match=r"its preprocess differs(.|\n)*run: .*(.|\n)*mean=.0\.5, 0\.5, 0\.5"):
+        loss_with_cache(tiny_model_dir, image_only_shards, teacher_file, kernel_cache, image_mean=(0.5, 0.5, 0.5))
+
+
+def test_sample_missing_from_the_kernel_cache_is_a_clear_error(tmp_path, kernel_cache, tiny_model_dir, teacher_file):
+    import webdataset as wds
+    samples = digits_samples(16)
+    folder = tmp_path / "regenerated"  # same shard names as the cached ones, other sample keys
+    folder.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(folder / f"{s:06d}.tar")) as sink:
+            for i in range(8):
+                sink.write({"__key__": f"new{s}{i:03d}", "png": samples[8 * s + i]["png"]})
+    model, frozen, loss, loader = loss_with_cache(tiny_model_dir, str(folder / "{000000..000001}.tar"),
+                                                  teacher_file, kernel_cache)
+    images, texts = next(iter(loader))
+    with pytest.raises(KeyError, match=rf"--kernel-teacher-cache {re.escape(kernel_cache)}: sample key 'new\d+' "
+                                       rf"is not cached; rebuild the cache over the same --train-data"):
+        loss.step_inputs(model, frozen, images, texts)

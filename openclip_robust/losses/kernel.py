@@ -7,15 +7,25 @@ L = L_reg + w·L_kernel on target images only, text tower frozen:
              k(a, b) = (γ⟨a, b⟩ + c)^p; teacher γ = 1/d, c = 1 fixed; student γ, c trained (own
              param group, no weight decay) unless --kernel-fixed. Gaussian and cosine as options.
 No contrastive term: KUEA trains on images alone.
+
+--kernel-teacher-cache DIR (from `openclip-robust cache-teacher --train-data ... --kernel-teacher ...`)
+replaces the teacher's forward by a look-up of its cached features by sample key; no teacher is
+built. Target images then use the deterministic eval transform, not the random train transform, so
+that they are the pixels the cache was computed from (the price of exactness: no augmentation).
 """
+import logging
+
 import torch
 from open_clip.loss import gather_features
 from torch import nn
 
+from openclip_robust import teacher_cache
 from openclip_robust.image_only import get_image_only_wds, is_webdataset
 from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
 from openclip_robust.registry import register_loss
 from openclip_robust.teacher import VisionTeacher, check_teacher_flags
+
+CACHE_KIND = "kernel-teacher"
 
 KERNELS = ("poly", "gaussian", "cosine")
 
@@ -104,6 +114,12 @@ class KernelAlignmentLoss(RobustLoss):
                                 "DINOv2: 518). ViT position embeddings are resampled to it.")
         group.add_argument("--kernel-fixed", action="store_true",
                            help="keep the student kernel parameters at their initial values.")
+        group.add_argument("--kernel-teacher-cache", type=str, default=None, metavar="DIR",
+                           help="the teacher's features of the --train-data images from `openclip-robust "
+                                "cache-teacher --train-data ... --kernel-teacher ...`: read them instead of running "
+                                "the teacher (webdataset shards only). Target images then use the deterministic "
+                                "eval transform (no augmentation). Refused if its teacher, teacher weights, "
+                                "teacher image size or the student's preprocessing differ from this run's.")
 
     @classmethod
     def validate_args(cls, args):
@@ -113,6 +129,21 @@ class KernelAlignmentLoss(RobustLoss):
         for flag in ("kernel_sigma", "kernel_teacher_sigma"):
             if args.kernel_type == "gaussian" and getattr(args, flag) <= 0:
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
+        if args.kernel_teacher_cache:
+            if not args.train_data or not is_webdataset(args):
+                raise ValueError(f"--kernel-teacher-cache: --train-data {args.train_data!r} is not read as webdataset "
+                                 f"shards (--dataset-type {args.dataset_type}); the cache is keyed by webdataset "
+                                 f"sample keys, which csv rows and synthetic data lack: drop the flag")
+            # teacher fields now (before any model is built); the student's preprocessing in add_data
+            manifest = teacher_cache.read_manifest(args.kernel_teacher_cache, CACHE_KIND)
+            teacher_cache.check_provenance(manifest["provenance"], cls.cache_provenance(args),
+                                           args.kernel_teacher_cache, CACHE_KIND)
+
+    @staticmethod
+    def cache_provenance(args, preprocess=None):
+        return teacher_cache.kernel_teacher_provenance(args.kernel_teacher, args.kernel_teacher_pretrained,
+                                                       args.kernel_teacher_image_size, preprocess, args.model,
+                                                       args.precision)
 
     def __init__(self, args):
         super().__init__(args)
@@ -121,6 +152,7 @@ class KernelAlignmentLoss(RobustLoss):
         self.student_kernel = Kernel(args.kernel_type, args.kernel_degree, args.kernel_gamma, args.kernel_coef,
                                      args.kernel_sigma, trainable=not args.kernel_fixed)
         self.teacher, self.teacher_kernel, self._student_out = None, None, None
+        self.cache, self._batches = None, None  # --kernel-teacher-cache: TeacherCache, KeyedBatches
 
     # The student's unnormalised projected embedding is the image tower's output, which CLIP's
     # forward normalises before it reaches the loss: a forward hook keeps it, at no extra cost.
@@ -131,12 +163,16 @@ class KernelAlignmentLoss(RobustLoss):
         for name, p in model.named_parameters():
             if not name.startswith("visual."):
                 p.requires_grad_(False)  # text tower, logit scale: frozen and untouched
-        cfg = model.visual.preprocess_cfg
-        # not a submodule: kept out of the loss's state_dict, so never saved in checkpoints
-        teacher = VisionTeacher(args.kernel_teacher, args.kernel_teacher_pretrained, cfg["mean"], cfg["std"],
-                                image_size=args.kernel_teacher_image_size)
-        object.__setattr__(self, "teacher", teacher.to(args.device))
-        d = self.teacher.dim
+        if args.kernel_teacher_cache:  # no teacher model: its features come from the cache
+            self.cache = teacher_cache.TeacherCache(args.kernel_teacher_cache, CACHE_KIND)
+            d = self.cache.dims()["teacher_features"]
+        else:
+            cfg = model.visual.preprocess_cfg
+            # not a submodule: kept out of the loss's state_dict, so never saved in checkpoints
+            teacher = VisionTeacher(args.kernel_teacher, args.kernel_teacher_pretrained, cfg["mean"], cfg["std"],
+                                    image_size=args.kernel_teacher_image_size)
+            object.__setattr__(self, "teacher", teacher.to(args.device))
+            d = self.teacher.dim
         self.teacher_kernel = Kernel(args.kernel_type, args.kernel_degree, gamma=1.0 / d, coef=1.0,
                                      sigma=args.kernel_teacher_sigma).to(args.device)
         self.student_kernel.to(args.device)
@@ -147,14 +183,37 @@ class KernelAlignmentLoss(RobustLoss):
         return [{"params": params, "weight_decay": 0.0}] if params else []
 
     def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
-        if is_webdataset(args):  # csv rows and synthetic data keep upstream's loader
+        if not is_webdataset(args):  # csv rows and synthetic data keep upstream's loader
+            return
+        if self.cache is None:
             data["train"] = get_image_only_wds(args, preprocess_fns[0], epoch, tokenizer)
+            return
+        # the cache holds the teacher's view of the eval-transformed image: train on exactly those pixels
+        preprocess = preprocess_fns[1]
+        teacher_cache.assert_deterministic(preprocess, "the target preprocessing for --kernel-teacher-cache")
+        self.cache.check(self.cache_provenance(args, preprocess), teacher_cache.target_shards(args.train_data))
+        data["train"] = get_image_only_wds(args, preprocess, epoch, tokenizer, with_keys=True)
+        self._batches = data["train"].dataloader
+        logging.info(f"openclip-robust: kernel teacher features from {args.kernel_teacher_cache} ({len(self.cache)} "
+                     f"samples x {self.cache.dims()['teacher_features']}, {self.cache.nbytes() / 2 ** 20:.1f} MiB "
+                     f"memory-mapped); no teacher is run, and the target images use the deterministic eval transform "
+                     f"(no augmentation) so that they match the cache")
+
+    def teacher_features(self, images):
+        """The teacher's features of this batch: computed, or looked up by the keys the loader queued."""
+        if self.cache is None:
+            return self.teacher(images)
+        if self._batches is None:
+            raise RuntimeError("--kernel-teacher-cache: the cache is read through the image-only webdataset loader "
+                               "that add_data builds, and none was built")
+        keys = self._batches.pop_keys(images.shape[0])
+        return self.cache.lookup(keys, images.device)["teacher_features"]
 
     def step_inputs(self, model, frozen, images, texts, reference=None):
         student, self._student_out = self._student_out, None
         with torch.no_grad():
             pre = frozen.encode_image(images, normalize=False)
-        return {"kernel_student": student, "kernel_pre": pre, "kernel_teacher": self.teacher(images)}
+        return {"kernel_student": student, "kernel_pre": pre, "kernel_teacher": self.teacher_features(images)}
 
     def forward(self, image_features, text_features, logit_scale, kernel_student, kernel_pre, kernel_teacher,
                 output_dict=False, **_):
