@@ -1,5 +1,4 @@
 """Helpers for state that every rank must hold identically."""
-import torch
 import torch.distributed as dist
 
 

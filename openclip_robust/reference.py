@@ -12,7 +12,6 @@ import random
 import tarfile
 import time
 
-import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 from webdataset.filters import _shuffle

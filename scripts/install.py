@@ -12,7 +12,6 @@ Runs with any Python >= 3.8 and the standard library only: it is the step before
 import argparse
 import hashlib
 import re
-import shutil
 import subprocess
 import sys
 import tarfile

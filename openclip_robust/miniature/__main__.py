@@ -1,10 +1,10 @@
-"""python -m openclip_robust.miniature [--quick] [--seeds N] [--out runs/miniature] [--rebuild] [--jobs N]"""
+"""python -m openclip_robust.miniature [--quick] [--seeds N] [--out runs/miniature] [--rebuild] [--jobs N] [--assets-only]"""
 import argparse
 import dataclasses
 import logging
 import sys
 
-from openclip_robust.miniature.assets import AssetError
+from openclip_robust.miniature.assets import AssetError, ensure_all
 from openclip_robust.miniature.experiment import QUICK, Config, run_experiment
 
 
@@ -17,7 +17,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=None,
                     help="fine-tunes run at a time, one thread each (default: the number of cores)")
     ap.add_argument("--steps", type=int, help="override the fine-tuning steps")
-    ap.add_argument("--lambda-grid", help="comma-separated DiVE λ values (default: the paper's grid)")
+    ap.add_argument("--lambda-grid", help="comma-separated DiVE λ values (default: 10,100,1000; --quick: 10,100)")
+    ap.add_argument("--assets-only", action="store_true",
+                    help="install the Debian packages and wheels the miniature needs, then exit (CI uses it)")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -33,6 +35,9 @@ def main(argv=None):
             ap.error(f"--lambda-grid {a.lambda_grid!r}: expected numbers separated by commas")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
+        if a.assets_only:
+            ensure_all()
+            return 0
         run_experiment(dataclasses.replace(Config(), **over), a.out, a.seeds, a.rebuild, a.jobs)
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,10 +3,10 @@
     python -m openclip_robust.miniature.contcoop [--quick] [--seeds 3] [--tasks fashion,clipart] [--out DIR]
 
 Model A: the miniature's cached small real CLIP (EfficientNet-Lite0 + MiniLM, LiT-aligned).
-Model B: built as EVA-CLIP was, a new image side against the old text encoder: A's image projection
-re-initialised, the top image block group unlocked, 80 px instead of 64, trained contrastively on the
-reference pairs through upstream's loop; the text transformer frozen (same tokenizer and token space),
-its projection trained, so B's text features move a little (reported).
+Model B: built as EVA-CLIP was, a stronger image side against the old text encoder: the same towers at
+80 px instead of 64, aligned afresh (new projections, LiT) on every training pair instead of A's reference
+subset; the text transformer is A's (same tokenizer and token space), its projection new, so B's text
+features move (reported).
 Tasks: K-shot Fashion-MNIST and held-out clip-art categories (a per-class train/test split).
 Methods: zero-shot, linear probe on A's image features (applied to B's), coop, kgcoop, contcoop.
 """
@@ -20,14 +20,14 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from openclip_robust import shards as sh
-from openclip_robust.miniature.cache import cached, params_key
+from openclip_robust.miniature.cache import cached
 from openclip_robust.miniature.experiment import _LAUNCH, QUICK, Config, prepare, shard_spec
-from openclip_robust.miniature.model import WEIGHTS_FILE
 
 PAPER = {"ZS": (65.5, 70.8, 68.0), "LP": (78.2, 1.8, 3.6), "CoOp": (79.9, 75.4, 77.6),
          "KgCoOp": (78.3, 75.8, 77.0), "ContCoOp": (81.3, 79.3, 80.3)}
@@ -45,40 +45,29 @@ def upstream(args, log_path):
 
 
 # -- model B ---------------------------------------------------------------------------------------------
-def build_model_b(dst, stage, steps, unlocked_groups, lr, image_size, batch_size=64):
-    """B the way EVA-CLIP was built: a new image side (a freshly initialised image projection, the top
-    image blocks unlocked, larger images) trained contrastively against A's text tower, of which the
-    transformer stays frozen (same token space) and only the text projection trains."""
-    dst = Path(dst)
-    for f in Path(stage.model).iterdir():  # config and tokenizer files: B shares A's token space
-        if f.is_file() and f.name not in (WEIGHTS_FILE, "DONE", "params.json"):
-            shutil.copy(f, dst / f.name)
-    config = json.loads((dst / "open_clip_config.json").read_text())
-    config["model_cfg"]["vision_cfg"]["image_size"] = image_size
-    (dst / "open_clip_config.json").write_text(json.dumps(config, indent=1))
-    weights = torch.load(Path(stage.model) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    for name in [k for k in weights if k.startswith("visual.head.proj.")]:
-        w = weights[name]
-        weights[name] = (torch.randn(w.shape, generator=generator) * w.shape[-1] ** -0.5 if w.dim() == 2
-                         else torch.zeros_like(w))
-    torch.save(weights, dst / WEIGHTS_FILE)
-    args = ["--model", f"local-dir:{dst}", "--train-data", shard_spec(stage.data / "reference"),
-            "--dataset-type", "webdataset", "--dataset-resampled", "--train-num-samples", str(steps * batch_size),
-            "--batch-size", str(batch_size), "--epochs", "1", "--lr", str(lr), "--wd", "0.1", "--warmup", "10",
-            "--workers", "1", "--precision", "fp32", "--seed", "0", "--lock-image",
-            "--lock-image-unlocked-groups", str(unlocked_groups),
-            # (upstream's --lock-text-unlocked-layers fails on BERT towers: KeyError 'layer_attr')
-            "--lock-text", "--lock-text-freeze-layer-norm",
-            # the plugin's flyp = upstream's contrastive loss with every BatchNorm on running statistics (in
-            # train mode the statistics drift to clip art and B collapses on Fashion-MNIST). Not upstream's
-            # --lock-image-freeze-bn-stats: it drops the activation fused into timm's BatchNormAct2d.
-            "--robust-loss", "flyp",
-            "--logs", str(dst / "logs"), "--name", "b", "--report-to", "", "--log-every-n-steps", "5"]
-    upstream(args, dst / "train.log")
-    state = torch.load(dst / "logs" / "b" / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=False)
-    torch.save({k.removeprefix("module."): v for k, v in state["state_dict"].items()}, dst / WEIGHTS_FILE)
-    shutil.rmtree(dst / "logs")
+def build_model_b(dst, cfg, cache_root, text_dir, image_size):
+    """B the way EVA-CLIP was built: a stronger image side aligned afresh against A's text encoder.
+
+    Same MiniLM as A (tokenizer, token embeddings, transformer: the token space a prompt module needs),
+    same EfficientNet trunk, but larger inputs (`image_size`, A: 64 px) and every training pair of the
+    split instead of A's reference subset; both projections are new (LiT, as A's were). So B's image
+    embedding space is its own (a linear probe on A's features has nothing to hold on to) and B's text
+    features move (reported); the held-out categories and pairs stay out as for A.
+    """
+    from openclip_robust.miniature import data as md
+    from openclip_robust.miniature.experiment import render_needed
+    from openclip_robust.miniature.model import build_model_a
+    splits = md.split_openclipart(md.openclipart_items(), cfg.align_val_pairs, cfg.heldout_pairs, cfg.seed)
+    clipart_dir = (Path(cache_root) / f"clipart-{cfg.clipart_size}px").resolve()
+    bad = render_needed(clipart_dir, sorted({rel for k in ("align_train", "align_val") for rel, _, _ in splits[k]}),
+                        cfg.clipart_size)
+
+    def pairs(split):
+        return [(str(clipart_dir / rel), cap) for rel, _, cap in splits[split] if rel not in bad]
+    train = pairs("align_train")
+    log = build_model_a(dst, image_size, train, pairs("align_val"), cfg.align_steps, cfg.seed, text_dir)
+    print(f"[contcoop] model B: {len(train)} training pairs at {image_size} px, val R@5 {log['best_val_R@5']:.3f}",
+          flush=True)
 
 
 @torch.no_grad()
@@ -183,7 +172,7 @@ def harmonic(a, b):
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
-def run(cfg, out, seeds, which, shots, epochs, lr, b_steps, b_groups, b_lr, b_image_size):
+def run(cfg, out, seeds, which, shots, epochs, lr, b_image_size, jobs=None):
     from openclip_robust.prompt_eval import evaluate_prompt_module
     torch.set_flush_denormal(True)
     t0 = time.time()
@@ -191,12 +180,24 @@ def run(cfg, out, seeds, which, shots, epochs, lr, b_steps, b_groups, b_lr, b_im
     cache_root = out / "cache"
     stage = prepare(cfg, cache_root)
     model_a = stage.model
+    text_dir = json.loads((model_a / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_model_name"]
     model_b = cached(cache_root, "contcoop-model-b",
-                     {"model": stage.keys["model"], "steps": b_steps, "groups": b_groups, "lr": b_lr, "bn": "eval",
-                      "image_size": b_image_size, "recipe": "new-image-head"},
-                     lambda d: build_model_b(d, stage, b_steps, b_groups, b_lr, b_image_size))
+                     {"data": stage.keys["data"], "align_steps": cfg.align_steps, "image_size": b_image_size,
+                      "recipe": "lit-all-pairs"},
+                     lambda d: build_model_b(d, cfg, cache_root, text_dir, b_image_size))
     results = {"model_a": str(model_a), "model_b": str(model_b), "tasks": {}}
-    for task, (train_dir, test_dir) in tasks(stage, cfg, cache_root, shots, which).items():
+    task_dirs = tasks(stage, cfg, cache_root, shots, which)
+
+    def prompt_run(job):  # one single-threaded upstream run per (task, method, seed), cached
+        task, method, s = job
+        return cached(cache_root / "contcoop-runs", f"{task}-{method}-s{s}",
+                      {"a": stage.keys["model"], "task": task, "shots": shots,  # B only evaluates
+                       "epochs": epochs, "lr": lr},
+                      lambda o: train_prompt(o, model_a, task_dirs[task][0], method, shots, s, epochs, lr))
+    todo = [(t, m, s) for t in task_dirs for s in range(seeds) for m in PROMPT_METHODS.values()]
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        runs = dict(zip(todo, pool.map(prompt_run, todo)))
+    for task, (train_dir, test_dir) in task_dirs.items():
         names = sh.read_lines(Path(train_dir) / "classnames.txt")
         suite = {"datasets": [{"name": task, "role": "id", "path": str(test_dir)}]}
         rows = {m: [] for m in ("ZS", "LP", *PROMPT_METHODS)}
@@ -204,11 +205,7 @@ def run(cfg, out, seeds, which, shots, epochs, lr, b_steps, b_groups, b_lr, b_im
             lp = linear_probe(model_a, model_b, train_dir, test_dir, shots, s)
             rows["LP"].append(lp + [harmonic(*lp)])
             for label, method in PROMPT_METHODS.items():
-                d = cached(cache_root / "contcoop-runs", f"{task}-{method}-s{s}",
-                           {"a": stage.keys["model"], "task": task, "shots": shots,  # B only evaluates
-                            "epochs": epochs, "lr": lr},
-                           lambda o: train_prompt(o, model_a, train_dir, method, shots, s, epochs, lr))
-                r = evaluate_prompt_module(d / "prompt_module.pt", f"local-dir:{model_a}", None,
+                r = evaluate_prompt_module(runs[(task, method, s)] / "prompt_module.pt", f"local-dir:{model_a}", None,
                                            f"local-dir:{model_b}", None, suite)["datasets"][task]
                 rows[label].append([r["base"], r["new"], r["H"]])
                 if s == 0 and label == "CoOp":
@@ -249,14 +246,14 @@ def main(argv=None):
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=5, help="prompt training epochs (K x C / 32 steps each)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--b-steps", type=int, default=200, help="model B: further contrastive steps (batch 64)")
-    ap.add_argument("--b-groups", type=int, default=1, help="model B: unlocked top image block groups")
-    ap.add_argument("--b-lr", type=float, default=1e-3)
-    ap.add_argument("--b-image-size", type=int, default=80, help="model B's input resolution (A: 64)")
+    ap.add_argument("--b-image-size", type=int, default=80,
+                    help="model B's input resolution (A: 64; clip arts are stored at 80 px)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="prompt runs at a time, one thread each (default: the number of cores)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = Config(**(QUICK if a.quick else {}))
-    run(cfg, a.out, a.seeds, a.tasks.split(","), a.shots, a.epochs, a.lr, a.b_steps, a.b_groups, a.b_lr, a.b_image_size)
+    run(cfg, a.out, a.seeds, a.tasks.split(","), a.shots, a.epochs, a.lr, a.b_image_size, a.jobs)
     return 0
 
 
