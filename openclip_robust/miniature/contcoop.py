@@ -27,7 +27,7 @@ import torch
 
 from openclip_robust import shards as sh
 from openclip_robust.miniature.cache import cached
-from openclip_robust.miniature.experiment import _LAUNCH, QUICK, Config, prepare, shard_spec
+from openclip_robust.miniature.experiment import _LAUNCH, EVAL_WORKERS, QUICK, Config, prepare, shard_spec
 
 PAPER = {"ZS": (65.5, 70.8, 68.0), "LP": (78.2, 1.8, 3.6), "CoOp": (79.9, 75.4, 77.6),
          "KgCoOp": (78.3, 75.8, 77.0), "ContCoOp": (81.3, 79.3, 80.3)}
@@ -144,7 +144,7 @@ def image_features(model_dir, data_dir, keys=None):
     model, preprocess, _ = load_model(f"local-dir:{model_dir}")
     spec = DatasetSpec(name=Path(data_dir).name, role="id", path=str(data_dir))
     feats, labels = [], []
-    for x, y, _ in batches(spec, resolve_dataset(spec), preprocess, 128):
+    for x, y, _ in batches(spec, resolve_dataset(spec), preprocess, 128, EVAL_WORKERS):
         feats.append(model.encode_image(x, normalize=True))
         labels += y
     return torch.cat(feats).numpy(), labels
@@ -206,7 +206,8 @@ def run(cfg, out, seeds, which, shots, epochs, lr, b_image_size, jobs=None):
             rows["LP"].append(lp + [harmonic(*lp)])
             for label, method in PROMPT_METHODS.items():
                 r = evaluate_prompt_module(runs[(task, method, s)] / "prompt_module.pt", f"local-dir:{model_a}", None,
-                                           f"local-dir:{model_b}", None, suite)["datasets"][task]
+                                           f"local-dir:{model_b}", None, suite, batch_size=128,
+                                           workers=EVAL_WORKERS)["datasets"][task]
                 rows[label].append([r["base"], r["new"], r["H"]])
                 if s == 0 and label == "CoOp":
                     rows["ZS"].append([r["zs_A"], r["zs_B"], r["zs_H"]])
