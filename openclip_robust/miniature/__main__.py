@@ -17,7 +17,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=None,
                     help="fine-tunes run at a time, one thread each (default: the number of cores)")
     ap.add_argument("--steps", type=int, help="override the fine-tuning steps")
-    ap.add_argument("--lambda-grid", help="comma-separated DiVE λ values (default: 10,100,1000; --quick: 10,100)")
+    ap.add_argument("--lambda-grid", help="comma-separated DiVE λ values (default: 10,100)")
     ap.add_argument("--assets-only", action="store_true",
                     help="install the Debian packages and wheels the miniature needs, then exit (CI uses it)")
     a = ap.parse_args(argv)

@@ -38,13 +38,15 @@ class Config:
     align_steps: int = 600
     fashion_train: int = 3000
     fashion_val: int = 1000
-    fashion_test: int = 1000        # first N of the test split (ID and each OOD shift)
+    fashion_test: int = 600         # first N of the test split (ID and each OOD shift)
     steps: int = 30
     batch_size: int = 32
     lr: float = 3e-4               # 1e-4 left ID-val at 0.36 after 30 steps (underfit)
     wd: float = 0.1
     warmup: int = 5
-    lambda_grid: tuple = (10, 100, 1000)  # paper: 100..5000; a small model at a larger LR moves further (METHODS.md)
+    # paper: 100..5000; a small model at a larger LR moves further (METHODS.md). λ = 1000 scored 26-36% ID-val
+    # in three runs (λ = 10: 75-77%) and is left out for time; --lambda-grid 10,100,1000 adds it back.
+    lambda_grid: tuple = (10, 100)
     lambda_tolerance: float = 0.01  # ID-val ties within this pick the larger λ (stronger preservation)
     wise_alpha: float = 0.5
     seed: int = 0
