@@ -24,57 +24,71 @@ def harmonic(base, new):
 
 
 @torch.no_grad()
-def accuracies(model, preprocess, tokenizer, module, spec, device="cpu", batch_size=64, workers=0, chunk=256):
-    """(zero-shot top-1, module top-1) in % on one classification dataset."""
+def accuracies(model, preprocess, tokenizer, modules, spec, device="cpu", batch_size=64, workers=0, chunk=256):
+    """(zero-shot top-1, [top-1 of each prompt module]) in % on one classification dataset (one image pass)."""
     source = resolve_dataset(spec)
     names = source["classnames"]
     zs = zeroshot_head(model, tokenizer, names, source["templates"], device)           # [d, C]
     tower = TextTower(model)
-    prompted = class_weights(module, tower, ClassPrompts(tower, tokenizer, names, module.n_ctx, device), chunk)
-    hits = torch.zeros(2)
+    heads = [zs.float()] + [class_weights(m, tower, ClassPrompts(tower, tokenizer, names, m.n_ctx, device), chunk).T
+                            for m in modules]
+    hits = torch.zeros(len(heads))
     seen = 0
     for images, targets, _ in batches(spec, source, preprocess, batch_size, workers):
         if images is None:
             continue
         f = model.encode_image(images.to(device), normalize=True).float()
         y = torch.as_tensor(targets, device=device)
-        hits[0] += ((f @ zs.float()).argmax(1) == y).sum().item()
-        hits[1] += ((f @ prompted.T).argmax(1) == y).sum().item()
+        for i, head in enumerate(heads):
+            hits[i] += ((f @ head).argmax(1) == y).sum().item()
         seen += len(y)
     if seen == 0:
         raise ValueError(f"dataset '{spec.name}': no readable images")
-    return (100 * hits / seen).tolist()
+    acc = (100 * hits / seen).tolist()
+    return acc[0], acc[1:]
 
 
 def evaluate_prompt_module(module_path, model, pretrained, upgraded_model, upgraded_pretrained, suite, out_dir=None,
                            device="cpu", batch_size=64, workers=0, checkpoint=None, upgraded_checkpoint=None):
-    module = PromptModule.load(module_path).to(device).eval()
+    """Base / New / H of one module file (or of each of a list of files: one model load and image pass for all).
+
+    Returns the result dict (a list of them for a list of files); writes prompt_results.json for one file.
+    """
+    paths = [module_path] if isinstance(module_path, (str, os.PathLike)) else list(module_path)
+    modules = [PromptModule.load(p).to(device).eval() for p in paths]
     specs = [s for s in load_suite(suite) if s.role != "retrieval"]
     if not specs:
         raise ValueError(f"suite {suite}: no classification dataset (roles id, ood, zeroshot)")
-    scores = {s.name: {} for s in specs}
+    scores = [{s.name: {} for s in specs} for _ in modules]
     models = {}
     for label, name, weights, ckpt in (("A", model, pretrained, checkpoint),
                                        ("B", upgraded_model, upgraded_pretrained, upgraded_checkpoint)):
         models[label] = load_model(name, ckpt, weights, device)
-        module.check(models[label][0], models[label][2], f"model {label} ({name})")  # both refused before any data
+        for module in modules:  # every module refused before any data is read
+            module.check(models[label][0], models[label][2], f"model {label} ({name})")
     for label, (m, preprocess, tokenizer) in models.items():
         for spec in specs:
-            zs, prompted = accuracies(m, preprocess, tokenizer, module, spec, device, batch_size, workers)
-            scores[spec.name][f"zs_{label}"] = zs
-            scores[spec.name]["base" if label == "A" else "new"] = prompted
-            logging.info(f"{spec.name} model {label}: zero-shot {zs:.2f}, with the module {prompted:.2f}")
-    rows = dict(scores)
-    rows["average"] = {k: sum(r[k] for r in scores.values()) / len(scores) for k in ("zs_A", "zs_B", "base", "new")}
-    for r in rows.values():
-        r["zs_H"], r["H"] = harmonic(r["zs_A"], r["zs_B"]), harmonic(r["base"], r["new"])
-    result = {"prompt_module": str(module_path), "model_A": model, "model_B": upgraded_model,
-              "token_space": module.token_space, "datasets": rows}
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "prompt_results.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+            zs, prompted = accuracies(m, preprocess, tokenizer, modules, spec, device, batch_size, workers)
+            for score, acc in zip(scores, prompted):
+                score[spec.name][f"zs_{label}"] = zs
+                score[spec.name]["base" if label == "A" else "new"] = acc
+            logging.info(f"{spec.name} model {label}: zero-shot {zs:.2f}, with the module "
+                         + ", ".join(f"{a:.2f}" for a in prompted))
+    results = []
+    for path, module, score in zip(paths, modules, scores):
+        rows = dict(score)
+        rows["average"] = {k: sum(r[k] for r in score.values()) / len(score) for k in ("zs_A", "zs_B", "base", "new")}
+        for r in rows.values():
+            r["zs_H"], r["H"] = harmonic(r["zs_A"], r["zs_B"]), harmonic(r["base"], r["new"])
+        results.append({"prompt_module": str(path), "model_A": model, "model_B": upgraded_model,
+                        "token_space": module.token_space, "datasets": rows})
+    if len(paths) == 1 and isinstance(module_path, (str, os.PathLike)):
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "prompt_results.json"), "w") as f:
+                json.dump(results[0], f, indent=1)
+        return results[0]
+    return results
 
 
 def table(result, method="module"):

@@ -138,34 +138,34 @@ def train_prompt(dst, model_a, train_dir, method, shots, seed, epochs, lr):
 
 
 @torch.no_grad()
-def image_features(model_dir, data_dir, keys=None):
-    """(features, labels) of a shard folder; keys: only those samples (url, key) in that order."""
+def image_features(model_dir, data_dir, workers=0):
+    """(features, labels) of a shard folder; in shard order with workers=0 (workers split the shards)."""
     from openclip_robust.evaluation import DatasetSpec, batches, load_model, resolve_dataset
     model, preprocess, _ = load_model(f"local-dir:{model_dir}")
     spec = DatasetSpec(name=Path(data_dir).name, role="id", path=str(data_dir))
     feats, labels = [], []
-    for x, y, _ in batches(spec, resolve_dataset(spec), preprocess, 128, EVAL_WORKERS):
+    for x, y, _ in batches(spec, resolve_dataset(spec), preprocess, 128, workers):
         feats.append(model.encode_image(x, normalize=True))
         labels += y
     return torch.cat(feats).numpy(), labels
 
 
-def linear_probe(model_a, model_b, train_dir, test_dir, shots, seed):
-    """LP on A's features of the same K-shot sample the prompt runs draw; scored on A's and B's test features."""
+def linear_probe(model_a, model_b, train_dir, test_dir, shots, seeds):
+    """LP on A's features of the K-shot sample each prompt run draws (one per seed); [A top-1, B top-1] per seed."""
     from sklearn.linear_model import LogisticRegression
     from openclip_robust.losses.contcoop import sample_k_shots, scan_classes
     rows = scan_classes(sh.shard_list(str(train_dir)))
     names = sh.read_lines(Path(train_dir) / "classnames.txt")
-    chosen = sample_k_shots([r[2] for r in rows], shots, seed, names)
     x, y = image_features(model_a, train_dir)  # same shard order as scan_classes (both read the tars in order)
     if y != [r[2] for r in rows]:
         raise RuntimeError(f"{train_dir}: the feature pass and the shard scan disagree on the samples")
-    clf = LogisticRegression(max_iter=2000, C=1.0).fit(x[chosen], [y[i] for i in chosen])
-    scores = []
-    for m in (model_a, model_b):
-        xt, yt = image_features(m, test_dir)
-        scores.append(100 * float((clf.predict(xt) == yt).mean()))
-    return scores
+    tests = [image_features(m, test_dir, EVAL_WORKERS) for m in (model_a, model_b)]  # labels travel with features
+    out = []
+    for seed in range(seeds):
+        chosen = sample_k_shots([r[2] for r in rows], shots, seed, names)
+        clf = LogisticRegression(max_iter=2000, C=1.0).fit(x[chosen], [y[i] for i in chosen])
+        out.append([100 * float((clf.predict(xt) == yt).mean()) for xt, yt in tests])
+    return out
 
 
 def harmonic(a, b):
@@ -201,16 +201,15 @@ def run(cfg, out, seeds, which, shots, epochs, lr, b_image_size, jobs=None):
         names = sh.read_lines(Path(train_dir) / "classnames.txt")
         suite = {"datasets": [{"name": task, "role": "id", "path": str(test_dir)}]}
         rows = {m: [] for m in ("ZS", "LP", *PROMPT_METHODS)}
-        for s in range(seeds):
-            lp = linear_probe(model_a, model_b, train_dir, test_dir, shots, s)
-            rows["LP"].append(lp + [harmonic(*lp)])
-            for label, method in PROMPT_METHODS.items():
-                r = evaluate_prompt_module(runs[(task, method, s)] / "prompt_module.pt", f"local-dir:{model_a}", None,
-                                           f"local-dir:{model_b}", None, suite, batch_size=128,
-                                           workers=EVAL_WORKERS)["datasets"][task]
-                rows[label].append([r["base"], r["new"], r["H"]])
-                if s == 0 and label == "CoOp":
-                    rows["ZS"].append([r["zs_A"], r["zs_B"], r["zs_H"]])
+        keys = [(label, s) for s in range(seeds) for label in PROMPT_METHODS]
+        evaluated = evaluate_prompt_module([runs[(task, PROMPT_METHODS[label], s)] / "prompt_module.pt"
+                                            for label, s in keys], f"local-dir:{model_a}", None,
+                                           f"local-dir:{model_b}", None, suite, batch_size=128, workers=EVAL_WORKERS)
+        for (label, s), result in zip(keys, evaluated):
+            r = result["datasets"][task]
+            rows[label].append([r["base"], r["new"], r["H"]])
+        rows["ZS"].append([r["zs_A"], r["zs_B"], r["zs_H"]])
+        rows["LP"] = [lp + [harmonic(*lp)] for lp in linear_probe(model_a, model_b, train_dir, test_dir, shots, seeds)]
         results["tasks"][task] = {"rows": rows, "text_movement": text_movement(model_a, model_b, names)}
     results["seconds"] = round(time.time() - t0)
     (out / "contcoop_results.json").write_text(json.dumps(results, indent=1))
