@@ -10,7 +10,7 @@ from openclip_robust.miniature.experiment import QUICK, Config, run_experiment
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m openclip_robust.miniature", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller data and budget (≤ 4 min target)")
+    ap.add_argument("--quick", action="store_true", help="smaller data and budget (about 6 min on 2 cores)")
     ap.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per method (mean ± std)")
     ap.add_argument("--out", default="runs/miniature", help="results and cache folder")
     ap.add_argument("--rebuild", action="store_true", help="rebuild cached data, model A and fine-tunes")

@@ -57,7 +57,7 @@ class Config:
         return {k: getattr(self, k) for k in keys}
 
 
-# --quick: a third of the renders, half the batch, 12 steps (≤ 4 min goal); numbers noisier than the default's
+# --quick: a third of the renders, half the batch, 12 steps (6 min measured; goal 4); numbers noisier than the default's
 QUICK = dict(align_steps=300, zeroshot_per_class=10, heldout_pairs=300,
              fashion_train=600, fashion_val=300, fashion_test=300, retrieval_pairs=300, steps=12, batch_size=16,
              lambda_grid=(10, 100), ref_pairs=1000)
