@@ -48,13 +48,10 @@ def accuracies(model, preprocess, tokenizer, modules, spec, device="cpu", batch_
     return acc[0], acc[1:]
 
 
-def evaluate_prompt_module(module_path, model, pretrained, upgraded_model, upgraded_pretrained, suite, out_dir=None,
-                           device="cpu", batch_size=64, workers=0, checkpoint=None, upgraded_checkpoint=None):
-    """Base / New / H of one module file (or of each of a list of files: one model load and image pass for all).
-
-    Returns the result dict (a list of them for a list of files); writes prompt_results.json for one file.
-    """
-    paths = [module_path] if isinstance(module_path, (str, os.PathLike)) else list(module_path)
+def evaluate_prompt_modules(module_paths, model, pretrained, upgraded_model, upgraded_pretrained, suite,
+                            device="cpu", batch_size=64, workers=0, checkpoint=None, upgraded_checkpoint=None):
+    """[result dict per module file]: A and B are loaded once and each dataset's images encoded once for all."""
+    paths = list(module_paths)
     modules = [PromptModule.load(p).to(device).eval() for p in paths]
     specs = [s for s in load_suite(suite) if s.role != "retrieval"]
     if not specs:
@@ -72,7 +69,7 @@ def evaluate_prompt_module(module_path, model, pretrained, upgraded_model, upgra
             for score, acc in zip(scores, prompted):
                 score[spec.name][f"zs_{label}"] = zs
                 score[spec.name]["base" if label == "A" else "new"] = acc
-            logging.info(f"{spec.name} model {label}: zero-shot {zs:.2f}, with the module "
+            logging.info(f"{spec.name} model {label}: zero-shot {zs:.2f}, with the module(s) "
                          + ", ".join(f"{a:.2f}" for a in prompted))
     results = []
     for path, module, score in zip(paths, modules, scores):
@@ -82,13 +79,19 @@ def evaluate_prompt_module(module_path, model, pretrained, upgraded_model, upgra
             r["zs_H"], r["H"] = harmonic(r["zs_A"], r["zs_B"]), harmonic(r["base"], r["new"])
         results.append({"prompt_module": str(path), "model_A": model, "model_B": upgraded_model,
                         "token_space": module.token_space, "datasets": rows})
-    if len(paths) == 1 and isinstance(module_path, (str, os.PathLike)):
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "prompt_results.json"), "w") as f:
-                json.dump(results[0], f, indent=1)
-        return results[0]
     return results
+
+
+def evaluate_prompt_module(module_path, model, pretrained, upgraded_model, upgraded_pretrained, suite, out_dir=None,
+                           device="cpu", batch_size=64, workers=0, checkpoint=None, upgraded_checkpoint=None):
+    """The result dict of one module file; writes prompt_results.json into out_dir if given."""
+    result, = evaluate_prompt_modules([module_path], model, pretrained, upgraded_model, upgraded_pretrained, suite,
+                                      device, batch_size, workers, checkpoint, upgraded_checkpoint)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "prompt_results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 def table(result, method="module"):

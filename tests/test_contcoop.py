@@ -303,6 +303,26 @@ def test_train_then_evaluate_in_upgraded_model(tmp_path, family, clip_dirs, hf_d
     assert r["base"] == pytest.approx(100 * hits / 64)
 
 
+def test_several_modules_in_one_pass_equal_one_at_a_time(tmp_path, clip_dirs, digits_dir):
+    """evaluate_prompt_modules (one model load and image pass for all files) = evaluate_prompt_module per file."""
+    from openclip_robust.prompt_eval import evaluate_prompt_module, evaluate_prompt_modules
+    model, _, tok = load(clip_dirs["a"])
+    paths = []
+    for seed in (0, 1):
+        module, _ = make_module(model, tok, seed=seed)
+        paths.append(tmp_path / f"m{seed}.pt")
+        module.save(paths[-1])
+    (tmp_path / "t.txt").write_text("a photo of a {c}.\n")
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"datasets": [{"name": "digits", "role": "id", "path": os.path.dirname(digits_dir),
+                                               "templates": str(tmp_path / "t.txt")}]}))
+    a, b = f"local-dir:{clip_dirs['a']}", f"local-dir:{clip_dirs['b']}"
+    together = evaluate_prompt_modules(paths, a, None, b, None, str(suite))
+    alone = [evaluate_prompt_module(p, a, None, b, None, str(suite)) for p in paths]
+    assert [r["datasets"] for r in together] == [r["datasets"] for r in alone]
+    assert [r["prompt_module"] for r in together] == [str(p) for p in paths]
+
+
 def test_evaluate_refuses_other_token_space(tmp_path, clip_dirs, hf_dirs):
     from openclip_robust.prompt_eval import evaluate_prompt_module
     model, _, tok = load(clip_dirs["a"])

@@ -50,9 +50,9 @@ def build_model_b(dst, cfg, cache_root, text_dir, image_size):
 
     Same MiniLM as A (tokenizer, token embeddings, transformer: the token space a prompt module needs),
     same EfficientNet trunk, but larger inputs (`image_size`, A: 64 px) and every training pair of the
-    split instead of A's reference subset; both projections are new (LiT, as A's were). So B's image
-    embedding space is its own (a linear probe on A's features has nothing to hold on to) and B's text
-    features move (reported); the held-out categories and pairs stay out as for A.
+    split instead of A's reference subset; both projections are new (LiT, as A's were), so B's image and
+    text embeddings move (reported; both heads map the same MiniLM features, so the spaces stay linearly
+    related); the held-out categories and pairs stay out as for A.
     """
     from openclip_robust.miniature import data as md
     from openclip_robust.miniature.experiment import render_needed
@@ -173,7 +173,7 @@ def harmonic(a, b):
 
 
 def run(cfg, out, seeds, which, shots, epochs, lr, b_image_size, jobs=None):
-    from openclip_robust.prompt_eval import evaluate_prompt_module
+    from openclip_robust.prompt_eval import evaluate_prompt_modules
     torch.set_flush_denormal(True)
     t0 = time.time()
     out = Path(out)
@@ -202,13 +202,12 @@ def run(cfg, out, seeds, which, shots, epochs, lr, b_image_size, jobs=None):
         suite = {"datasets": [{"name": task, "role": "id", "path": str(test_dir)}]}
         rows = {m: [] for m in ("ZS", "LP", *PROMPT_METHODS)}
         keys = [(label, s) for s in range(seeds) for label in PROMPT_METHODS]
-        evaluated = evaluate_prompt_module([runs[(task, PROMPT_METHODS[label], s)] / "prompt_module.pt"
-                                            for label, s in keys], f"local-dir:{model_a}", None,
-                                           f"local-dir:{model_b}", None, suite, batch_size=128, workers=EVAL_WORKERS)
-        for (label, s), result in zip(keys, evaluated):
-            r = result["datasets"][task]
+        evaluated = [r["datasets"][task] for r in evaluate_prompt_modules(
+            [runs[(task, PROMPT_METHODS[label], s)] / "prompt_module.pt" for label, s in keys],
+            f"local-dir:{model_a}", None, f"local-dir:{model_b}", None, suite, batch_size=128, workers=EVAL_WORKERS)]
+        for (label, _), r in zip(keys, evaluated):
             rows[label].append([r["base"], r["new"], r["H"]])
-        rows["ZS"].append([r["zs_A"], r["zs_B"], r["zs_H"]])
+        rows["ZS"].append([evaluated[0][k] for k in ("zs_A", "zs_B", "zs_H")])  # the same for every module
         rows["LP"] = [lp + [harmonic(*lp)] for lp in linear_probe(model_a, model_b, train_dir, test_dir, shots, seeds)]
         results["tasks"][task] = {"rows": rows, "text_movement": text_movement(model_a, model_b, names)}
     results["seconds"] = round(time.time() - t0)
