@@ -132,3 +132,12 @@ def test_text_tower_copy_has_no_dropout(tmp_path):
     assert cfg["hidden_dropout_prob"] == 0.0 and cfg["attention_probs_dropout_prob"] == 0.0
     assert os.path.isfile(os.path.join(folder, "model.safetensors"))
     assert text_tower_without_dropout(tmp_path / "minilm") == folder  # idempotent
+
+
+def test_assets_only_names_the_packages_it_could_not_install(monkeypatch, capsys, tmp_path):
+    from openclip_robust.miniature.__main__ import main
+    monkeypatch.setattr(assets, "DEBIAN_PACKAGES", {"openclipart-png": str(tmp_path / "missing")})
+    monkeypatch.setattr(assets.shutil, "which", lambda name: None)  # no apt-get, no sudo
+    assert main(["--assets-only"]) == 2
+    err = capsys.readouterr().err
+    assert "openclipart-png" in err and "sudo apt-get install openclipart-png" in err
