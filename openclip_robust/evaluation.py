@@ -323,9 +323,18 @@ def embed_images_texts(model, tokenizer, spec, source, preprocess, device="cpu",
     return torch.cat(images), torch.cat(texts), index
 
 
+def first_caption_rows(index):
+    """Rows of the first caption of each image, given embed_images_texts' caption -> image index."""
+    return [t for t, i in enumerate(index) if t == 0 or index[t - 1] != i]
+
+
 def evaluate_dataset(model, preprocess, tokenizer, spec, device="cpu", batch_size=64, workers=0, amp=False,
-                     head_cache=None):
-    """Metrics of one dataset for one loaded model: {metric: value, "score": headline, "n": samples, ...}."""
+                     head_cache=None, embeddings=None):
+    """Metrics of one dataset for one loaded model: {metric: value, "score": headline, "n": samples, ...}.
+
+    embeddings: optional dict; a retrieval dataset stores its (image [N, d], first caption [N, d])
+    embeddings there under its name, the pairs RSA compares (rsa.embed_pairs), so one pass gives both.
+    """
     from clip_benchmark.metrics.zeroshot_classification import run_classification
     source = resolve_dataset(spec)
     logging.info(f"dataset '{spec.name}' ({spec.role}, {spec.path})")
@@ -333,6 +342,8 @@ def evaluate_dataset(model, preprocess, tokenizer, spec, device="cpu", batch_siz
         image_emb, text_emb, index = embed_images_texts(model, tokenizer, spec, source, preprocess, device,
                                                         batch_size, workers, amp)
         out = retrieval_metrics(image_emb, text_emb, index)
+        if embeddings is not None:
+            embeddings[spec.name] = (image_emb, text_emb[first_caption_rows(index)])
         out.update(n=len(image_emb), n_captions=len(text_emb))
     else:
         key = (tuple(source["classnames"]), tuple(source["templates"]))
@@ -412,14 +423,14 @@ def role_averages(datasets):
 
 
 def evaluate_model(model, preprocess, tokenizer, suite, device="cpu", batch_size=64, workers=0, amp=False,
-                   roles=None):
-    """{"datasets": {name: metrics}, "roles": {role: average}} for one loaded model."""
+                   roles=None, embeddings=None):
+    """{"datasets": {name: metrics}, "roles": {role: average}} for one loaded model (embeddings: evaluate_dataset)."""
     specs = [s for s in load_suite(suite) if roles is None or s.role in roles]
     if not specs:
         raise ValueError(f"suite has no dataset with role in {roles}")
     cache = {}
-    datasets = {s.name: evaluate_dataset(model, preprocess, tokenizer, s, device, batch_size, workers, amp, cache)
-                for s in specs}
+    datasets = {s.name: evaluate_dataset(model, preprocess, tokenizer, s, device, batch_size, workers, amp, cache,
+                                         embeddings) for s in specs}
     return {"datasets": datasets, "roles": role_averages(datasets)}
 
 
@@ -435,6 +446,10 @@ class Run:
 
     def __post_init__(self):
         self.method = self.method or self.name.split("/")[0]
+
+    def record(self, res):
+        """This run's entry in results["runs"]: its fields, its extra keys, then evaluate_model's result."""
+        return {**{k: v for k, v in asdict(self).items() if k != "extra"}, **self.extra, **res}
 
 
 def evaluate(runs, suite, out_dir=None, device="cpu", batch_size=64, workers=0, amp=False, rsa=None):
@@ -452,7 +467,7 @@ def evaluate(runs, suite, out_dir=None, device="cpu", batch_size=64, workers=0, 
         logging.info(f"run {k}/{len(runs)}: {run.name} ({run.model}, checkpoint={run.checkpoint})")
         model, preprocess, tokenizer = load_model(run.model, run.checkpoint, run.pretrained, device)
         res = evaluate_model(model, preprocess, tokenizer, specs, device, batch_size, workers, amp)
-        results["runs"].append({**{k: v for k, v in asdict(run).items() if k != "extra"}, **run.extra, **res})
+        results["runs"].append(run.record(res))
         del model
     if rsa is not None:
         report.attach_rsa(results, rsa)

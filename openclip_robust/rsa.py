@@ -94,12 +94,11 @@ def embed_pairs(model, preprocess, tokenizer, data, max_samples=8000, batch_size
 
     data: shards, a CLIP_benchmark retrieval folder or a folder of x.jpg + x.txt (see evaluation).
     """
-    from openclip_robust.evaluation import DatasetSpec, embed_images_texts, resolve_dataset
+    from openclip_robust.evaluation import DatasetSpec, embed_images_texts, first_caption_rows, resolve_dataset
     spec = DatasetSpec(name=str(data), role="retrieval", path=str(data), max_samples=max_samples)
     images, texts, index = embed_images_texts(model, tokenizer, spec, resolve_dataset(spec), preprocess, device,
                                               batch_size, workers)
-    first = [t for t, i in enumerate(index) if t == 0 or index[t - 1] != i]
-    return images, texts[first]
+    return images, texts[first_caption_rows(index)]
 
 
 def rsa_runs(pre, runs, data, max_samples=8000, batch_size=64, device="cpu", workers=0, block_size=512):

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from openclip_robust.miniature import assets, data as md
 from openclip_robust.miniature.experiment import TINY, Config, choose_lambda, run_experiment
+from openclip_robust.miniature.jobs import JobPool, run_in_child
 from openclip_robust.miniature.model import lit_align
 
 # Skipped without the Debian packages, except under CI (CI=true), which installs them first
@@ -141,3 +144,112 @@ def test_assets_only_names_the_packages_it_could_not_install(monkeypatch, capsys
     assert main(["--assets-only"]) == 2
     err = capsys.readouterr().err
     assert "openclipart-png" in err and "sudo apt-get install openclipart-png" in err
+
+
+# -- how jobs run (jobs.py) and the render order ------------------------------------------------------
+def _report_threads(path):
+    Path(path).write_text(f"{torch.get_num_threads()} {os.environ['OMP_NUM_THREADS']}")
+    print("hello from the child")
+
+
+def _fail():
+    print("about to fail")
+    raise ValueError("boom")
+
+
+def test_run_in_child_runs_on_one_thread_and_logs(tmp_path):
+    run_in_child(_report_threads, (tmp_path / "threads.txt",), tmp_path / "job.log", "probe")
+    assert (tmp_path / "threads.txt").read_text() == "1 1"
+    assert "hello from the child" in (tmp_path / "job.log").read_text()
+
+
+def test_run_in_child_failure_names_the_job_and_shows_its_log(tmp_path):
+    with pytest.raises(RuntimeError, match=r"probe failed \(exit code 1\)") as err:
+        run_in_child(_fail, (), tmp_path / "job.log", "probe")
+    assert "about to fail" in str(err.value) and "ValueError: boom" in str(err.value)
+    assert str(tmp_path / "job.log") in str(err.value)
+
+
+def test_job_pool_runs_by_priority_then_submission_order():
+    order, gate = [], threading.Event()
+    with JobPool(1) as pool:
+        pool.submit(0, gate.wait)  # holds the only worker while the rest is queued
+        for name, priority in [("eval", 3), ("train", 1), ("short", 2), ("lambda", 0), ("train2", 1)]:
+            pool.submit(priority, order.append, name)
+        gate.set()
+    assert order == ["lambda", "train", "train2", "short", "eval"]
+
+
+def test_job_pool_passes_results_on_and_a_failure_fails_its_dependents():
+    ran = []
+    with JobPool(2) as pool:
+        a, b = pool.submit(0, lambda: 2), pool.submit(0, lambda: 3)
+        c = pool.submit(1, lambda x, y, z: 10 * x + y * z, 1, after=[a, b])  # fn(*args, *results of after)
+        bad = pool.submit(0, _fail)
+        dependent = pool.submit(0, ran.append, "never", after=[c, bad])
+    assert c.result() == 16
+    with pytest.raises(ValueError, match="boom"):
+        dependent.result()
+    assert ran == []
+
+
+def test_job_pool_cancels_what_is_queued_when_the_block_fails():
+    ran, gate = [], threading.Event()
+    with pytest.raises(RuntimeError, match="driver"):
+        with JobPool(1) as pool:
+            pool.submit(0, gate.wait, 5)
+            queued = [pool.submit(1, ran.append, i) for i in range(3)]
+            dependent = pool.submit(0, ran.append, "dependent", after=[queued[0]])
+            threading.Timer(0.2, gate.set).start()
+            raise RuntimeError("driver failed")
+    assert ran == [] and all(f.cancelled() for f in queued)
+    assert dependent.done() and not dependent.cancelled() and dependent.exception() is not None
+
+
+def test_render_needed_starts_the_largest_images_first(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from openclip_robust.miniature.experiment import render_needed
+    src = tmp_path / "png"
+    (src / "c").mkdir(parents=True)
+    sizes = {"huge": (300, 200), "tiny": (2, 2), "big": (200, 150), "small": (10, 10), "mid": (50, 40)}
+    for name, size in sizes.items():
+        Image.new("RGBA", size, (255, 0, 0, 128)).save(src / "c" / f"{name}.png")
+    (src / "c" / "broken.png").write_bytes(b"not a png")
+    monkeypatch.setattr(assets, "OPENCLIPART_PNG", str(src))
+    started, real = [], md.render_clipart
+    monkeypatch.setattr(md, "render_clipart", lambda s, d, size: (started.append(Path(s).stem), real(s, d, size)))
+    rels = sorted(f"c/{n}.png" for n in [*sizes, "broken"])
+    assert render_needed(tmp_path / "cache", rels, 8) == {"c/broken.png"}
+    assert set(started[:2]) == {"huge", "big"} and started[-1] == "broken"  # two threads: the first two race
+    assert started.index("mid") < started.index("small") < started.index("tiny")
+    with Image.open(tmp_path / "cache" / "c" / "huge.png") as im:
+        assert im.size == (8, 5) and im.mode == "RGB"
+    assert render_needed(tmp_path / "cache", rels, 8) == {"c/broken.png"} and len(started) == 6  # cached
+
+
+def test_render_clipart_equals_compositing_at_full_size(tmp_path):
+    from PIL import Image
+    h, w = 120, 240
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., 0] = 200 * (xx % 40 < 20)               # stripes: resampling mixes colours
+    rgba[..., 1] = (255 * yy / h).astype(np.uint8)
+    rgba[..., 2] = 90
+    rgba[..., 3] = np.clip(255 * (1.5 - np.hypot(xx - w / 2, yy - h / 2) / 60), 0, 255).astype(np.uint8)
+    src = tmp_path / "art.png"
+    Image.fromarray(rgba, "RGBA").save(src)
+    md.render_clipart(src, tmp_path / "out.png", 40)
+    full = Image.new("RGB", (w, h), (255, 255, 255))  # the straightforward way: composite, then shrink
+    full.paste(Image.fromarray(rgba, "RGBA"), mask=Image.fromarray(rgba[..., 3]))
+    full.thumbnail((40, 40), Image.BICUBIC)
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.mode == "RGB" and out.size == (40, 20)
+        diff = np.abs(np.asarray(out, int) - np.asarray(full, int))
+        assert np.asarray(out)[0, 0].tolist() == [255, 255, 255]  # transparent corner: white, not black
+    assert diff.mean() < 0.5 and diff.max() <= 8
+    for mode in ("P", "LA", "L"):  # the package's other modes
+        Image.fromarray(rgba, "RGBA").convert(mode).save(tmp_path / f"{mode}.png")
+        md.render_clipart(tmp_path / f"{mode}.png", tmp_path / f"{mode}-out.png", 40)
+        with Image.open(tmp_path / f"{mode}-out.png") as out:
+            assert out.mode == "RGB" and out.size == (40, 20)

@@ -10,12 +10,12 @@ from openclip_robust.miniature.experiment import QUICK, Config, run_experiment
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m openclip_robust.miniature", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller data and budget (about 6 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="smaller data and budget (about 2.5 min on 2 cores)")
     ap.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per method (mean ± std)")
     ap.add_argument("--out", default="runs/miniature", help="results and cache folder")
     ap.add_argument("--rebuild", action="store_true", help="rebuild cached data, model A and fine-tunes")
     ap.add_argument("--jobs", type=int, default=None,
-                    help="fine-tunes run at a time, one thread each (default: the number of cores)")
+                    help="jobs (fine-tunes, evaluations) run at a time, one thread each (default: the number of cores)")
     ap.add_argument("--steps", type=int, help="override the fine-tuning steps")
     ap.add_argument("--lambda-grid", help="comma-separated DiVE λ values (default: 10,100)")
     ap.add_argument("--assets-only", action="store_true",

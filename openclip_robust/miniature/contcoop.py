@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,21 +26,18 @@ import torch
 
 from openclip_robust import shards as sh
 from openclip_robust.miniature.cache import cached
-from openclip_robust.miniature.experiment import _LAUNCH, EVAL_WORKERS, QUICK, Config, prepare, shard_spec
+from openclip_robust.miniature.experiment import QUICK, Config, prepare, shard_spec
+from openclip_robust.miniature.jobs import run_in_child, train_upstream
 
 PAPER = {"ZS": (65.5, 70.8, 68.0), "LP": (78.2, 1.8, 3.6), "CoOp": (79.9, 75.4, 77.6),
          "KgCoOp": (78.3, 75.8, 77.0), "ContCoOp": (81.3, 79.3, 80.3)}
+# Evaluation decodes images in loader workers while this process runs the model.
+EVAL_WORKERS = 2
 PROMPT_METHODS = {"CoOp": "coop", "KgCoOp": "kgcoop", "ContCoOp": "contcoop"}
 
 
 def upstream(args, log_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "w") as log:
-        status = subprocess.run([sys.executable, "-c", _LAUNCH, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env).returncode
-    if status != 0:
-        tail = "".join(Path(log_path).read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"upstream run failed (exit {status}); log tail:\n{tail}")
+    run_in_child(train_upstream, (args,), log_path, "upstream run")
 
 
 # -- model B ---------------------------------------------------------------------------------------------

@@ -1,16 +1,15 @@
 """The miniature experiment: data → model A → fine-tune every method with upstream's loop → table.
 
-Every stage is cached under ``<out>/cache`` keyed by its inputs (see cache.py); ``--rebuild``
-rebuilds them all. Methods are fine-tuned by ``open_clip_train.main`` in a subprocess with the same
-budget and hyper-parameters except their own; DiVE's λ is chosen on the ID *validation* split.
+Every stage, fine-tune and evaluation is cached under ``<out>/cache`` keyed by its inputs (see
+cache.py); ``--rebuild`` rebuilds them all. Methods are fine-tuned by ``open_clip_train.main`` (in a
+child process, jobs.py) with the same budget and hyper-parameters except their own; DiVE's λ is
+chosen on the ID *validation* split.
 """
 import json
 import logging
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import torch
 from openclip_robust import shards as sh
 from openclip_robust.miniature import assets, data as md
 from openclip_robust.miniature.cache import cached, params_key
+from openclip_robust.miniature.jobs import JobPool, run_in_child, train_upstream
 from openclip_robust.miniature.model import CONTEXT_LENGTH, WEIGHTS_FILE, build_model_a, text_tower_without_dropout
 
 PAPER_LAMBDA_GRID = (100, 500, 1000, 2500, 5000)  # DiVE paper, Sec. 5.1
@@ -57,8 +57,9 @@ class Config:
         return {k: getattr(self, k) for k in keys}
 
 
-# --quick: a third of the renders, half the batch, 12 steps (6 min measured; goal 4); numbers noisier than the default's
-QUICK = dict(align_steps=300, zeroshot_per_class=10, heldout_pairs=300,
+# --quick: a third of the renders, half the batch, 12 steps (2.3 min measured from nothing cached; goal 4);
+# alignment early-stopped at step 40 of 300 here, so 100 steps give the same model. Numbers noisier than the default's.
+QUICK = dict(align_steps=100, zeroshot_per_class=10, heldout_pairs=300,
              fashion_train=600, fashion_val=300, fashion_test=300, retrieval_pairs=300, steps=12, batch_size=16,
              lambda_grid=(10, 100), ref_pairs=1000)
 
@@ -77,12 +78,15 @@ def render_needed(cache_dir, rels, size):
     """Render the clip arts not yet in cache_dir (white background, shrunk); return the unreadable ones.
 
     An incremental cache shared by every configuration: a file exists only once fully written.
+    Largest first: a few package PNGs take seconds each (one, 21k x 30k pixels, 8 s), and one started
+    last left the other thread idle (--quick's 1,850 renders on 2 cores: 19.6 s, in name order 26.4 s).
     """
     cache_dir = Path(cache_dir)
     bad_file = cache_dir / "unreadable.txt"
     cache_dir.mkdir(parents=True, exist_ok=True)
     known_bad = set(bad_file.read_text().splitlines()) if bad_file.exists() else set()
-    todo = [r for r in rels if r not in known_bad and not (cache_dir / r).exists()]
+    todo = sorted((r for r in rels if r not in known_bad and not (cache_dir / r).exists()),
+                  key=lambda r: md.pixel_count(os.path.join(assets.OPENCLIPART_PNG, r)), reverse=True)
     new_bad = []
 
     def render(rel):
@@ -181,28 +185,55 @@ def upstream_args(cfg, model_dir, data_dir, method_args, seed, logs, name):
     return args
 
 
-# torch.set_flush_denormal(True) first: without it CPU steps are several times slower (ASSETS.md)
-# One thread: on shared cores, OpenMP's spin-waiting threads stall each other (steps 10x slower, erratic).
-_LAUNCH = ("import sys, torch; torch.set_flush_denormal(True); torch.set_num_threads(1); "
-           "from open_clip_train.main import main; sys.exit(main(sys.argv[1:]))")
+def _train_keeping_weights(args, checkpoint, dst):
+    """In a child: upstream's loop, then only its final weights as `dst` ({"state_dict"}, no optimizer)."""
+    train_upstream(args)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    torch.save({"state_dict": {k.removeprefix("module."): v for k, v in state.items()}}, dst)
 
 
 def finetune(out, cfg, model_dir, data_dir, method_args, seed):
-    """Run upstream's loop; keep only the final weights as ``model.pt`` ({"state_dict"})."""
+    """Run upstream's loop in a one-thread child (jobs.py); keep only the final weights as ``model.pt``."""
     out = Path(out)
     args = upstream_args(cfg, model_dir, data_dir, method_args, seed, out / "logs", "run")
     (out / "command.txt").write_text("python -m open_clip_train.main " + shlex.join(args) + "\n")
-    with open(out / "train.log", "w") as log:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        status = subprocess.run([sys.executable, "-c", _LAUNCH, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env).returncode
     ckpt = out / "logs" / "run" / "checkpoints" / "epoch_1.pt"
-    if status != 0 or not ckpt.exists():
-        tail = "".join((out / "train.log").read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"fine-tuning failed ({' '.join(method_args)}), exit {status}; log tail:\n{tail}")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    torch.save({"state_dict": {k.removeprefix("module."): v for k, v in state.items()}}, out / "model.pt")
-    shutil.rmtree(out / "logs" / "run" / "checkpoints")
+    run_in_child(_train_keeping_weights, (args, str(ckpt), str(out / "model.pt")), out / "train.log",
+                 f"fine-tuning ({' '.join(method_args)})")
+    shutil.rmtree(ckpt.parent)
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+RSA_DATASET = "clipart-pairs"  # the retrieval set of suite.json: held-out pairs, also RSA's pairs
+
+
+def _evaluate_run(run, suite, out_dir, roles):
+    """In a child: metrics.json of one Run, and embeddings.pt of its retrieval pairs (for RSA)."""
+    from openclip_robust.evaluation import evaluate_model, load_model
+    model, preprocess, tokenizer = load_model(run.model, run.checkpoint, run.pretrained)
+    embeddings = {}
+    res = evaluate_model(model, preprocess, tokenizer, suite, batch_size=128, roles=roles, embeddings=embeddings)
+    Path(out_dir, "metrics.json").write_text(json.dumps(res, indent=1))
+    torch.save(embeddings, Path(out_dir, "embeddings.pt"))
+
+
+def evaluate_run(cache_root, stage, run, suite="suite.json", roles=None, rebuild=False):
+    """(evaluate_model's result, {retrieval dataset: (image, caption) embeddings}) of one Run, cached."""
+    checkpoint = run.checkpoint and os.path.relpath(run.checkpoint, cache_root)
+    params = {"data": stage.keys["data"], "model": stage.keys["model"], "checkpoint": checkpoint, "suite": suite,
+              "roles": roles}
+    d = cached(Path(cache_root) / "eval", "eval-" + run.name.replace("/", "-"), params, lambda o: run_in_child(
+        _evaluate_run, (run, str(stage.data / suite), str(o), roles), o / "eval.log", f"evaluating {run.name}"),
+        rebuild)
+    return json.loads((d / "metrics.json").read_text()), torch.load(d / "embeddings.pt")
+
+
+def _wise(model_name, finetuned, alpha, dst):
+    """In a child: the WiSE-FT interpolation of `finetuned`, written to `dst` only once complete."""
+    from openclip_robust.wise import wise_ft
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
+    wise_ft(model_name, finetuned, [alpha], out=str(tmp))
+    tmp.rename(dst)
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -245,26 +276,6 @@ def run_method(cfg, stage, cache_root, method_args, seed, rebuild):
     return d / "model.pt"
 
 
-def run_methods(cfg, stage, cache_root, todo, rebuild, jobs=None):
-    """{(args tuple, seed): checkpoint} for every (args, seed) in `todo`, `jobs` fine-tunes at a time."""
-    todo = list(dict.fromkeys((tuple(args), seed) for args, seed in todo))
-    jobs = jobs or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        paths = list(pool.map(lambda job: run_method(cfg, stage, cache_root, list(job[0]), job[1], rebuild), todo))
-    return dict(zip(todo, paths))
-
-
-# Evaluation decodes images in loader workers while this process runs the model.
-EVAL_WORKERS = 2
-
-
-def id_val_score(stage, checkpoint):
-    from openclip_robust.evaluation import evaluate_model, load_model
-    model, preprocess, tokenizer = load_model(f"local-dir:{stage.model}", str(checkpoint))
-    return evaluate_model(model, preprocess, tokenizer, str(stage.data / "suite_val.json"), batch_size=128,
-                          workers=EVAL_WORKERS, roles=("id",))["roles"]["id"]
-
-
 def choose_lambda(scores, tolerance):
     """Largest λ whose ID-val score is within `tolerance` of the best (ties favour preservation)."""
     best = max(scores.values())
@@ -275,51 +286,88 @@ def dive_args(lam, terms="avl,pvl"):
     return ["--robust-loss", "dive", "--dive-lambda", f"{lam:g}", "--dive-terms", terms]
 
 
+# Job priorities, lower first. λ's path first: the λ grid, its ID-val, then the runs that need λ; then the
+# other fine-tunes, flyp (no reference batch: the shortest) last; evaluations fill in as checkpoints appear.
+P_LAMBDA, P_TRAIN, P_TRAIN_SHORT, P_EVAL = 0, 1, 2, 3
+DIVE_VARIANTS = {"dive": "avl,pvl", "dive-avl": "avl", "dive-pvl": "pvl"}
+
+
 def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None):
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
     from openclip_robust import report
-    from openclip_robust.evaluation import Run, evaluate
-    from openclip_robust.rsa import rsa_runs
-    from openclip_robust.wise import wise_ft
-    torch.set_flush_denormal(True)  # this process builds model A and evaluates with every core; fine-tunes: _LAUNCH
+    from openclip_robust.evaluation import Run
+    from openclip_robust.rsa import rsa_scores
+    torch.set_flush_denormal(True)  # this process builds the data and model A with every core; jobs: jobs.py
     t0 = time.time()
     out = Path(out)
     cache_root = out / "cache"
     stage = prepare(cfg, cache_root, rebuild)
+    t_prepare = time.time() - t0
     model_name = f"local-dir:{stage.model}"
-    # Fine-tunes are single-threaded subprocesses: run `jobs` at a time (one per core by default).
-    # First the λ grid (seed 0) beside the methods that need no λ, then the λ-dependent ones.
-    seeds_ = [cfg.seed + s for s in range(seeds)]
-    first = [(dive_args(lam), cfg.seed) for lam in cfg.lambda_grid] + \
-            [(args, seed) for seed in seeds_ for args in BASE_METHODS.values()]
-    ckpts = run_methods(cfg, stage, cache_root, first, rebuild, jobs)
-    grid = {}
-    for lam in cfg.lambda_grid:
-        grid[lam] = id_val_score(stage, ckpts[(tuple(dive_args(lam)), cfg.seed)])
-        print(f"[miniature] DiVE λ={lam:g}: ID-val top-1 {grid[lam]:.4f}", flush=True)
-    lam = choose_lambda(grid, cfg.lambda_tolerance)
-    print(f"[miniature] chosen λ = {lam:g}", flush=True)
-    methods = {**BASE_METHODS, "dive": dive_args(lam), "dive-avl": dive_args(lam, "avl"),
-               "dive-pvl": dive_args(lam, "pvl")}
-    ckpts.update(run_methods(cfg, stage, cache_root, [(args, seed) for seed in seeds_ for args in methods.values()],
-                             rebuild, jobs))
-    runs = [Run(name="pre-trained", model=model_name)]
-    for seed in seeds_:
-        for name, args in methods.items():
-            ckpt = ckpts[(tuple(args), seed)]
-            runs.append(Run(name=f"{name}/seed{seed}", model=model_name, checkpoint=str(ckpt), method=name))
-            if name == "dive":
-                wise_path = ckpt.parent / f"wise_{cfg.wise_alpha:g}.pt"
-                if rebuild or not wise_path.exists():
-                    wise_ft(model_name, str(ckpt), [cfg.wise_alpha], out=str(wise_path))
-                runs.append(Run(name=f"dive+wise/seed{seed}", model=model_name, checkpoint=str(wise_path),
-                                method="dive+wise"))
-    t_train = time.time() - t0
-    rsa = rsa_runs(runs[0], runs[1:], str(stage.data / "retrieval"), batch_size=128, workers=EVAL_WORKERS)
-    results = evaluate(runs, str(stage.data / "suite.json"), None, batch_size=128, workers=EVAL_WORKERS, rsa=rsa)
+
+    def train(args, seed):
+        return run_method(cfg, stage, cache_root, list(args), seed, rebuild)
+
+    def train_dive(terms, seed, lam):
+        return train(dive_args(lam, terms), seed)
+
+    def evaluate(run, suite="suite.json", roles=None):
+        return (run, *evaluate_run(cache_root, stage, run, suite, roles, rebuild))
+
+    def evaluate_finetuned(name, seed, ckpt):
+        return evaluate(Run(name=f"{name}/seed{seed}", model=model_name, checkpoint=str(ckpt)))
+
+    def evaluate_wise(seed, ckpt):
+        path = Path(ckpt).parent / f"wise_{cfg.wise_alpha:g}.pt"
+        if rebuild or not path.exists():
+            run_in_child(_wise, (model_name, str(ckpt), cfg.wise_alpha, str(path)), path.with_suffix(".log"),
+                         "WiSE-FT interpolation")
+        return evaluate_finetuned("dive+wise", seed, path)
+
+    def id_val(lam, ckpt):
+        _, metrics, _ = evaluate(Run(f"dive-lambda{lam:g}", model_name, str(ckpt)), "suite_val.json", ("id",))
+        print(f"[miniature] DiVE λ={lam:g}: ID-val top-1 {metrics['roles']['id']:.4f}", flush=True)
+        return metrics["roles"]["id"]
+
+    def pick(*scores):
+        lam = choose_lambda(dict(zip(cfg.lambda_grid, scores)), cfg.lambda_tolerance)
+        print(f"[miniature] chosen λ = {lam:g}", flush=True)
+        return lam
+
+    # `jobs` jobs at a time (one per core by default), each on one core; evals: futures in table order
+    with JobPool(jobs or os.cpu_count() or 1) as pool:
+        grid = [pool.submit(P_LAMBDA, id_val, lam, after=[pool.submit(P_LAMBDA, train, dive_args(lam), cfg.seed)])
+                for lam in cfg.lambda_grid]
+        lam = pool.submit(P_LAMBDA, pick, after=grid)
+        evals = [pool.submit(P_EVAL, evaluate, Run(name="pre-trained", model=model_name))]
+        for seed in range(cfg.seed, cfg.seed + seeds):
+            for name, args in BASE_METHODS.items():
+                ckpt = pool.submit(P_TRAIN_SHORT if name == "flyp" else P_TRAIN, train, args, seed)
+                evals.append(pool.submit(P_EVAL, evaluate_finetuned, name, seed, after=[ckpt]))
+            for name, terms in DIVE_VARIANTS.items():
+                ckpt = pool.submit(P_LAMBDA, train_dive, terms, seed, after=[lam])
+                evals.append(pool.submit(P_EVAL, evaluate_finetuned, name, seed, after=[ckpt]))
+                if name == "dive":
+                    evals.append(pool.submit(P_EVAL, evaluate_wise, seed, after=[ckpt]))
+        wait(evals, return_when=FIRST_EXCEPTION)
+        for f in evals:
+            f.result()  # the first error, raised inside the block: the queued jobs are cancelled
+    results = {"suite": str(stage.data / "suite.json"), "runs": []}
+    pre, _, pre_embeddings = evals[0].result()
+    rsa = {pre.name: {"image": 1.0, "text": 1.0, "joint": 1.0}}  # by definition, as rsa_runs
+    for f in evals:
+        run, metrics, embeddings = f.result()
+        results["runs"].append(run.record(metrics))
+        if run is not pre:
+            rsa[run.name] = rsa_scores(*pre_embeddings[RSA_DATASET], *embeddings[RSA_DATASET])
+    report.attach_rsa(results, rsa)
+    grid = dict(zip(cfg.lambda_grid, (f.result() for f in grid)))
+    lam = lam.result()
     results["miniature"] = {"config": asdict(cfg), "seeds": seeds, "lambda_grid_id_val": grid, "lambda": lam,
                             "model_a": str(stage.model),
                             "alignment": json.loads((stage.model / "alignment.json").read_text()),
-                            "seconds": {"up_to_training": round(t_train), "total": round(time.time() - t0)}}
+                            "seconds": {"data_and_model_a": round(t_prepare), "total": round(time.time() - t0)}}
     paths = report.write_report(results, out, "results")
     table = report.markdown_table(results)
     print(table)
