@@ -13,6 +13,13 @@ torch.set_flush_denormal(True)
 logging.getLogger("torch").setLevel(logging.WARNING)
 
 
+def pytest_unconfigure(config):
+    """upstream's setup_logging sets every logger, torch's too, to INFO: quiet them again before exit."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "torch" or name.startswith("torch."):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """An open_clip `local-dir:` folder: config + weights of a tiny randomly initialised ViT CLIP."""
