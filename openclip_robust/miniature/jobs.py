@@ -4,7 +4,8 @@ Each job runs in a child process forked from a forkserver that imported torch, u
 loop, the plugin and the evaluation code once: a fresh ``python -c`` paid those imports (8-9 s of
 CPU) per fine-tune. A child runs with one thread: on shared cores, OpenMP threads that spin-wait
 stall each other (steps 10x slower, erratic), and two one-thread jobs use two cores better than
-one two-thread job (model evaluation: 1.4x the throughput).
+one two-thread job (model evaluation: 1.4x the throughput). As with any start method but fork, the
+caller's main module must be safe to import (``if __name__ == "__main__":``): children import it.
 """
 import functools
 import itertools
@@ -54,8 +55,8 @@ def run_in_child(fn, args, log, what):
     proc.join()
     if proc.exitcode != 0:
         lines = Path(log).read_text(errors="replace").splitlines(keepends=True) if Path(log).exists() else []
-        raise RuntimeError(f"{what} failed (exit code {proc.exitcode}); see {log}; its last lines:\n"
-                           + "".join(lines[-30:]))
+        tail = "".join(lines[-30:]) or "(nothing: the child failed before its job started; see stderr)\n"
+        raise RuntimeError(f"{what} failed (exit code {proc.exitcode}); see {log}; its last lines:\n{tail}")
 
 
 def train_upstream(args):
