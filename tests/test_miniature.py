@@ -107,10 +107,29 @@ def test_lit_align_learns_a_shared_space_and_folds_standardisation():
     assert (top5 == torch.arange(100)[:, None]).any(1).float().mean() > 0.8  # folded heads work on raw features
 
 
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory):
+    """One output folder for the tiny runs here: its cached data and model A serve them all."""
+    return tmp_path_factory.mktemp("tiny") / "mini"
+
+
 @needs_assets
 @pytest.mark.slow
-def test_tiny_end_to_end(tmp_path):
-    res = run_experiment(Config(**TINY), out=str(tmp_path / "mini"), seeds=1)
+def test_a_failing_fine_tune_stops_the_run_and_shows_its_log(tiny_out, monkeypatch):
+    from openclip_robust.miniature import experiment
+    monkeypatch.setitem(experiment.BASE_METHODS, "replay", ["--robust-loss", "no-such-loss"])
+    with pytest.raises(RuntimeError, match=r"fine-tuning \(--robust-loss no-such-loss\) failed") as err:
+        run_experiment(Config(**TINY), out=str(tiny_out))
+    assert "no-such-loss" in str(err.value).split("its last lines:")[1]  # upstream's own message, from the log
+    assert not (tiny_out / "results.json").exists()
+    finished = {p.name.rsplit("-", 1)[0] for p in (tiny_out / "cache" / "finetune").glob("*") if (p / "DONE").exists()}
+    assert "no-such-loss-s0" not in finished and "flyp-s0" not in finished  # flyp was queued behind it: cancelled
+
+
+@needs_assets
+@pytest.mark.slow
+def test_tiny_end_to_end(tiny_out):
+    res = run_experiment(Config(**TINY), out=str(tiny_out), seeds=1)
     methods = {r["method"] for r in res["runs"]}
     assert methods == {"pre-trained", "flyp", "replay", "snd", "dive", "dive-avl", "dive-pvl", "dive+wise"}
     for run in res["runs"]:
@@ -119,7 +138,7 @@ def test_tiny_end_to_end(tmp_path):
             assert math.isfinite(v) and 0.0 <= v <= 1.0, (run["name"], role, v)
         assert -1.0 <= run["rsa"]["joint"] <= 1.0
     assert res["runs"][0]["rsa"]["joint"] == 1.0
-    out = tmp_path / "mini"
+    out = tiny_out
     for name in ("results.json", "results.md", "results.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
@@ -253,3 +272,46 @@ def test_render_clipart_equals_compositing_at_full_size(tmp_path):
         md.render_clipart(tmp_path / f"{mode}.png", tmp_path / f"{mode}-out.png", 40)
         with Image.open(tmp_path / f"{mode}-out.png") as out:
             assert out.mode == "RGB" and out.size == (40, 20)
+
+
+def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tmp_path, monkeypatch):
+    """The job graph without training: fakes for data, fine-tunes and evaluations record what ran, in order."""
+    from openclip_robust.miniature import experiment as ex
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "alignment.json").write_text("{}")
+    monkeypatch.setattr(ex, "prepare", lambda cfg, root, rebuild: ex.Stage(tmp_path / "data", tmp_path / "model",
+                                                                            {"data": "d", "model": "m"}))
+    calls, lock = [], threading.Lock()
+
+    def fake_train(cfg, stage, cache_root, args, seed, rebuild):
+        label = "-".join(a.lstrip("-") for a in args[1::2]) + f"-s{seed}"
+        with lock:
+            calls.append(("train", label))
+        (tmp_path / label).mkdir(exist_ok=True)
+        return tmp_path / label / "model.pt"
+
+    def fake_evaluate(cache_root, stage, run, suite, roles, rebuild):
+        with lock:
+            calls.append(("eval", run.name))
+        score = {"dive-lambda10": 0.70, "dive-lambda100": 0.695}.get(run.name, 0.5)  # 100: within tolerance
+        metrics = {"datasets": {"fashion-mnist": {"role": "id", "metric": "top1", "score": score, "top1": score}},
+                   "roles": {"id": score}}
+        g = torch.Generator().manual_seed(len(run.name))
+        return metrics, {ex.RSA_DATASET: (torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g))}
+
+    monkeypatch.setattr(ex, "run_method", fake_train)
+    monkeypatch.setattr(ex, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(ex, "run_in_child", lambda fn, args, log, what: Path(args[-1]).write_text("w"))  # WiSE
+    res = ex.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), rebuild=True, jobs=1)
+    trains = [label for kind, label in calls if kind == "train"]
+    assert len(trains) == len(set(trains)) == 7  # the chosen grid run is DiVE's: not trained again, not by --rebuild
+    assert trains[:2] == ["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0"]  # λ's path first ...
+    assert calls[2:4] == [("eval", "dive-lambda10"), ("eval", "dive-lambda100")]
+    assert set(trains[2:4]) == {"dive-100-avl-s0", "dive-100-pvl-s0"}  # ... with the chosen λ = 100
+    assert set(trains[4:6]) == {"replay-s0", "snd-s0"} and trains[6] == "flyp-s0"  # flyp, the shortest, last
+    assert [kind for kind, _ in calls[:9]] == ["train"] * 2 + ["eval"] * 2 + ["train"] * 5  # evaluations fill in
+    assert [r["name"] for r in res["runs"]] == ["pre-trained", "flyp/seed0", "replay/seed0", "snd/seed0",
+                                                "dive/seed0", "dive+wise/seed0", "dive-avl/seed0", "dive-pvl/seed0"]
+    assert res["runs"][4]["checkpoint"].endswith("dive-100-avl,pvl-s0/model.pt")
+    assert res["runs"][0]["rsa"]["joint"] == 1.0 and res["runs"][1]["rsa"]["joint"] < 1.0
+    assert res["miniature"]["lambda"] == 100 and res["miniature"]["lambda_grid_id_val"] == {10: 0.70, 100: 0.695}

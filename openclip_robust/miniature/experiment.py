@@ -310,6 +310,8 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None)
         return run_method(cfg, stage, cache_root, list(args), seed, rebuild)
 
     def train_dive(terms, seed, lam):
+        if (terms, seed) == (DIVE_VARIANTS["dive"], cfg.seed):  # the grid's own run: never trained twice,
+            return grid_ckpts[lam].result()                    # not even by --rebuild
         return train(dive_args(lam, terms), seed)
 
     def evaluate(run, suite="suite.json", roles=None):
@@ -337,8 +339,8 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None)
 
     # `jobs` jobs at a time (one per core by default), each on one core; evals: futures in table order
     with JobPool(jobs or os.cpu_count() or 1) as pool:
-        grid = [pool.submit(P_LAMBDA, id_val, lam, after=[pool.submit(P_LAMBDA, train, dive_args(lam), cfg.seed)])
-                for lam in cfg.lambda_grid]
+        grid_ckpts = {lam: pool.submit(P_LAMBDA, train, dive_args(lam), cfg.seed) for lam in cfg.lambda_grid}
+        grid = [pool.submit(P_LAMBDA, id_val, lam, after=[grid_ckpts[lam]]) for lam in cfg.lambda_grid]
         lam = pool.submit(P_LAMBDA, pick, after=grid)
         evals = [pool.submit(P_EVAL, evaluate, Run(name="pre-trained", model=model_name))]
         for seed in range(cfg.seed, cfg.seed + seeds):
@@ -350,9 +352,9 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None)
                 evals.append(pool.submit(P_EVAL, evaluate_finetuned, name, seed, after=[ckpt]))
                 if name == "dive":
                     evals.append(pool.submit(P_EVAL, evaluate_wise, seed, after=[ckpt]))
-        wait(evals, return_when=FIRST_EXCEPTION)
-        for f in evals:
-            f.result()  # the first error, raised inside the block: the queued jobs are cancelled
+        failed = [f for f in wait(evals, return_when=FIRST_EXCEPTION).done if f.exception() is not None]
+        if failed:
+            raise failed[0].exception()  # inside the block, so the queued jobs are cancelled
     results = {"suite": str(stage.data / "suite.json"), "runs": []}
     pre, _, pre_embeddings = evals[0].result()
     rsa = {pre.name: {"image": 1.0, "text": 1.0, "joint": 1.0}}  # by definition, as rsa_runs
