@@ -68,7 +68,7 @@ def train_upstream(args):
 
 
 class JobPool:
-    """Run jobs `workers` at a time, the lowest priority number first (ties: in submission order).
+    """Run jobs `workers` at a time, the lowest priority number first (ties: in the order they became ready).
 
     A job runs in a worker thread; it usually starts a child (run_in_child), so the threads only wait.
     ``with JobPool(n) as pool``: leaving the block waits for running jobs; on an error, queued jobs
