@@ -189,6 +189,21 @@ def test_run_in_child_failure_names_the_job_and_shows_its_log(tmp_path):
     assert str(tmp_path / "job.log") in str(err.value)
 
 
+def test_run_in_child_says_when_nothing_was_logged(tmp_path):
+    with pytest.raises(RuntimeError, match=r"probe failed \(exit code 3\)(.|\n)*nothing logged"):
+        run_in_child(os._exit, (3,), tmp_path / "job.log", "probe")
+
+
+def test_train_upstream_fails_when_upstream_returns_an_error_status(tmp_path):
+    from openclip_robust.miniature.jobs import train_upstream
+    (tmp_path / "logs" / "taken").mkdir(parents=True)
+    (tmp_path / "logs" / "taken" / "out.log").write_text("an earlier run\n")  # upstream returns -1 for this
+    with pytest.raises(RuntimeError, match=r"returned -1") as err:
+        run_in_child(train_upstream, (["--logs-dir", str(tmp_path / "logs"), "--name", "taken"],),
+                     tmp_path / "job.log", "upstream run")
+    assert "Experiment already exists" in str(err.value)  # upstream's own message, from the log
+
+
 def test_job_pool_runs_by_priority_then_submission_order():
     order, gate = [], threading.Event()
     with JobPool(1) as pool:
@@ -228,7 +243,11 @@ def test_job_pool_cancels_what_is_queued_when_the_block_fails():
 def test_render_needed_starts_the_largest_images_first(tmp_path, monkeypatch):
     from PIL import Image
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openclip_robust.miniature import experiment
     from openclip_robust.miniature.experiment import render_needed
+    monkeypatch.setattr(experiment, "ThreadPoolExecutor", lambda n: ThreadPoolExecutor(1))  # start order = queue order
     src = tmp_path / "png"
     (src / "c").mkdir(parents=True)
     sizes = {"huge": (300, 200), "tiny": (2, 2), "big": (200, 150), "small": (10, 10), "mid": (50, 40)}
@@ -240,8 +259,7 @@ def test_render_needed_starts_the_largest_images_first(tmp_path, monkeypatch):
     monkeypatch.setattr(md, "render_clipart", lambda s, d, size: (started.append(Path(s).stem), real(s, d, size)))
     rels = sorted(f"c/{n}.png" for n in [*sizes, "broken"])
     assert render_needed(tmp_path / "cache", rels, 8) == {"c/broken.png"}
-    assert set(started[:2]) == {"huge", "big"} and started[-1] == "broken"  # two threads: the first two race
-    assert started.index("mid") < started.index("small") < started.index("tiny")
+    assert started == ["huge", "big", "mid", "small", "tiny", "broken"]  # unreadable: size 0, last
     with Image.open(tmp_path / "cache" / "c" / "huge.png") as im:
         assert im.size == (8, 5) and im.mode == "RGB"
     assert render_needed(tmp_path / "cache", rels, 8) == {"c/broken.png"} and len(started) == 6  # cached

@@ -118,7 +118,6 @@ def render_clipart(src, dst, size):
     """
     Image.MAX_IMAGE_PIXELS = None  # a few package PNGs are huge but genuine
     with Image.open(src) as im:
-        im.load()
         small = (im if im.mode == "RGBA" else im.convert("RGBA")).convert("RGBa")
     small.thumbnail((size, size), Image.BICUBIC)
     small = small.convert("RGBA")

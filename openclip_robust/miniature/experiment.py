@@ -68,6 +68,8 @@ TINY = dict(image_size=32, clipart_size=40, align_val_pairs=40, heldout_pairs=40
             zeroshot_per_class=3, align_steps=30, fashion_train=64, fashion_val=32, fashion_test=32, steps=2,
             batch_size=8, warmup=1, lambda_grid=(100,))
 
+RSA_DATASET = "clipart-pairs"  # suite.json's retrieval set (held-out pairs): RSA compares the same pairs
+
 # method name -> extra upstream args (λ filled in for DiVE variants)
 BASE_METHODS = {"flyp": ["--robust-loss", "flyp"], "replay": ["--robust-loss", "replay"],
                 "snd": ["--robust-loss", "snd"]}
@@ -155,7 +157,7 @@ def build_data(out, cfg, clipart_dir):
         {"name": "fashion-mnist", "role": "id", "path": "fashion_test", "metrics": ["top1"]},
         *({"name": f"fashion-{n}", "role": "ood", "path": f"fashion_{n}", "metrics": ["top1"]} for n in md.OOD_SHIFTS),
         {"name": "clipart-heldout", "role": "zeroshot", "path": "zeroshot", "metrics": ["top1", "balanced_acc"]},
-        {"name": "clipart-pairs", "role": "retrieval", "path": "retrieval", "metrics": ["mean_R@5", "mean_R@1"]}]}
+        {"name": RSA_DATASET, "role": "retrieval", "path": "retrieval", "metrics": ["mean_R@5", "mean_R@1"]}]}
     (out / "suite.json").write_text(json.dumps(suite, indent=1))
     val_suite = {"datasets": [{"name": "fashion-mnist-val", "role": "id", "path": "fashion_val"}]}
     (out / "suite_val.json").write_text(json.dumps(val_suite, indent=1))
@@ -204,9 +206,6 @@ def finetune(out, cfg, model_dir, data_dir, method_args, seed):
 
 
 # -- evaluation ------------------------------------------------------------------------------------
-RSA_DATASET = "clipart-pairs"  # the retrieval set of suite.json: held-out pairs, also RSA's pairs
-
-
 def _evaluate_run(run, suite, out_dir, roles):
     """In a child: metrics.json of one Run, and embeddings.pt of its retrieval pairs (for RSA)."""
     from openclip_robust.evaluation import evaluate_model, load_model

@@ -55,7 +55,7 @@ def run_in_child(fn, args, log, what):
     proc.join()
     if proc.exitcode != 0:
         lines = Path(log).read_text(errors="replace").splitlines(keepends=True) if Path(log).exists() else []
-        tail = "".join(lines[-30:]) or "(nothing: the child failed before its job started; see stderr)\n"
+        tail = "".join(lines[-30:]) or "(nothing logged; a child that fails before its job starts reports on stderr)\n"
         raise RuntimeError(f"{what} failed (exit code {proc.exitcode}); see {log}; its last lines:\n{tail}")
 
 
