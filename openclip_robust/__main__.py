@@ -11,7 +11,7 @@ import sys
 
 def _runs(specs, model, pretrained):
     """--run NAME=CHECKPOINT (NAME 'method/label' groups seeds; empty or 'pretrained' = base weights)."""
-    from openclip_robust.evaluation import Run
+    from openclip_robust.evaluation.suite import Run
     runs = []
     for spec in specs or ["pre-trained="]:
         name, sep, ckpt = spec.partition("=")
@@ -53,7 +53,7 @@ def _writer_args(p):
 
 
 def _target_run(a):
-    from openclip_robust.shards import make_target_shards
+    from openclip_robust.data.shards import make_target_shards
     _print(make_target_shards(a.source, a.out, a.classnames, a.templates, a.samples_per_shard, a.seed,
                               not a.no_shuffle, a.workers, a.image_root))
 
@@ -66,7 +66,7 @@ def _ref_args(p):
 
 
 def _ref_run(a):
-    from openclip_robust.shards import make_ref_shards
+    from openclip_robust.data.shards import make_ref_shards
     _print(make_ref_shards(a.source, a.out, a.samples_per_shard, a.seed, not a.no_shuffle, a.workers,
                            a.image_root))
 
@@ -78,7 +78,7 @@ def _check_args(p):
 
 
 def _check_run(a):
-    from openclip_robust.shards import check_ref_shards
+    from openclip_robust.data.shards import check_ref_shards
     stats = check_ref_shards(a.shards, a.decode, a.write_sizes)
     _print(stats)
     return 0 if stats["valid"] else 1
@@ -97,10 +97,10 @@ def _eval_args(p):
 
 
 def _eval_run(a):
-    from openclip_robust.evaluation import evaluate
+    from openclip_robust.evaluation.suite import evaluate
     res = evaluate(_runs(a.run, a.model, a.pretrained), a.suite, a.out, a.device, a.batch_size, a.workers,
                    a.amp, a.rsa)
-    from openclip_robust.report import markdown_table
+    from openclip_robust.evaluation.report import markdown_table
     print(markdown_table(res))
 
 
@@ -112,7 +112,7 @@ def _report_args(p):
 
 
 def _report_run(a):
-    from openclip_robust import report
+    from openclip_robust.evaluation import report
     res = report.load_results(a.results)
     if a.rsa:
         report.attach_rsa(res, a.rsa)
@@ -134,8 +134,8 @@ def _rsa_args(p):
 
 
 def _rsa_run(a):
-    from openclip_robust.evaluation import Run
-    from openclip_robust.rsa import rsa_runs
+    from openclip_robust.evaluation.suite import Run
+    from openclip_robust.evaluation.rsa import rsa_runs
     pre = Run(name=a.pre_name, model=a.model, checkpoint=a.pre_checkpoint, pretrained=a.pretrained)
     scores = rsa_runs(pre, _runs(a.run, a.model, a.pretrained), a.data, a.max_samples, a.batch_size, a.device,
                       a.workers, a.block_size)
@@ -157,20 +157,20 @@ def _wise_args(p):
 
 
 def _wise_run(a):
-    from openclip_robust.wise import wise_ft
+    from openclip_robust.evaluation.wise import wise_ft
     res = wise_ft(a.model, a.finetuned, [float(x) for x in a.alphas.split(",")], a.out, a.suite, a.pretrained,
                   a.pre_checkpoint, a.device, a.batch_size, a.workers)
     _print({k: v for k, v in res.items() if k != "state_dict"})
 
 
-# -- cache-teacher (flags and build in openclip_robust/teacher_cache.py) ---------------------------
+# -- cache-teacher (flags and build in openclip_robust/teachers/cache.py) ---------------------------
 def _cache_args(p):
-    from openclip_robust.teacher_cache import add_cli_args
+    from openclip_robust.teachers.cache import add_cli_args
     add_cli_args(p)
 
 
 def _cache_run(a):
-    from openclip_robust.teacher_cache import run_cli
+    from openclip_robust.teachers.cache import run_cli
     return run_cli(a)
 
 
@@ -180,12 +180,12 @@ def _demo_args(p):
 
 
 def _demo_run(a):
-    from openclip_robust.toolkit_demo import write_demo_data
+    from openclip_robust.demo.toolkit import write_demo_data
     _print(write_demo_data(a.out))
 
 
 def _prompt_eval():
-    from openclip_robust import prompt_eval
+    from openclip_robust.evaluation import prompt_modules as prompt_eval
     return prompt_eval
 
 

@@ -9,11 +9,11 @@ from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master
 
-from openclip_robust.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
-from openclip_robust.reference import ReferenceStream, readable_shards
-from openclip_robust.registry import get_loss_class, loss_names
-from openclip_robust.shards import PromptRedrawTokenizer
-from openclip_robust import teacher_cache
+from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
+from openclip_robust.data.reference import ReferenceStream, readable_shards
+from openclip_robust.losses import get_loss_class, loss_names
+from openclip_robust.data.shards import PromptRedrawTokenizer
+from openclip_robust.teachers import cache as teacher_cache
 
 REFERENCE_KEY = "robust_reference"
 

@@ -69,7 +69,7 @@ def write_model(name, directory):
     """An open_clip local-dir: folder for `name` (tiny, small or an open_clip config), random init."""
     import open_clip
     import torch
-    from openclip_robust.demo import TINY_CFG
+    from openclip_robust.demo.samples import TINY_CFG
     cfg = {"tiny": TINY_CFG, "small": SMALL_CFG}.get(name) or open_clip.get_model_config(name)
     if cfg is None:
         raise SystemExit(f"--model {name}: not tiny, small or an open_clip model config")
@@ -83,7 +83,7 @@ def write_model(name, directory):
 
 
 def write_data(directory, n_target, n_reference):
-    from openclip_robust.demo import digits_samples, photo_samples, write_shards
+    from openclip_robust.demo.samples import digits_samples, photo_samples, write_shards
     digits = digits_samples(min(n_target, 1797))
     target = [digits[i % len(digits)] for i in range(n_target)]
     return (write_shards(os.path.join(directory, "target"), target, per_shard=max(64, n_target // 4)),
@@ -379,7 +379,7 @@ def main(argv=None):
 
     import torch
     torch.set_flush_denormal(True)
-    from openclip_robust.registry import loss_names
+    from openclip_robust.losses import loss_names
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a.precision = a.precision or ("amp" if device == "cuda" else "fp32")
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -405,7 +405,7 @@ def main(argv=None):
               "kernel-teacher": os.path.join(a.out, "kernel_teacher_cache")}
     cache_s = {}
     for kind in sorted({VARIANTS[v][2] for v in variants} - {None}):
-        from openclip_robust.teacher_cache import build_cache, build_kernel_teacher_cache
+        from openclip_robust.teachers.cache import build_cache, build_kernel_teacher_cache
         shutil.rmtree(caches[kind], ignore_errors=True)
         start = time.time()
         if kind == "reference":

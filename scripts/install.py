@@ -5,7 +5,7 @@
 Steps (each skipped when already done, so the command is idempotent):
 1. torch/torchvision and the release's constraints from upstream_pin.txt;
 2. the pinned sdist, downloaded from the package index (or --sdist), checked against its sha256
-   and version, unpacked, patched with patches/*.patch, installed;
+   and version, unpacked, patched with patches/3.x/*.patch, installed;
 3. this package (editable) with its entry point.
 Runs with any Python >= 3.8 and the standard library only: it is the step before anything exists.
 """
@@ -77,7 +77,7 @@ def verify_sdist(path, pin):
 
 
 def patch_files():
-    return sorted((ROOT / "patches").glob("*.patch"))
+    return sorted((ROOT / "patches" / "3.x").glob("*.patch"))
 
 
 def patches_digest():

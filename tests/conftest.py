@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from openclip_robust.demo import TINY_CFG, digits_samples, photo_samples, tiny_model, write_shards  # noqa: F401
+from openclip_robust.demo.samples import TINY_CFG, digits_samples, photo_samples, tiny_model, write_shards  # noqa: F401
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_flush_denormal(True)

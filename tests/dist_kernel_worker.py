@@ -12,7 +12,7 @@ import open_clip
 import torch
 import torch.distributed as dist
 
-from openclip_robust.frozen import frozen_copy
+from openclip_robust.teachers.frozen import frozen_copy
 from openclip_robust.losses.kernel import KernelAlignmentLoss
 from test_kernel import kernel_args
 

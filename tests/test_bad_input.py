@@ -13,9 +13,9 @@ from torch import nn
 from open_clip_train.params import parse_args
 from open_clip_train.plugins import PluginManager
 
-from openclip_robust.frozen import check_upstream_bn_freeze, freeze_bn_stats
+from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats
 from openclip_robust.plugin import RobustPlugin
-from openclip_robust.reference import readable_shards
+from openclip_robust.data.reference import readable_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 

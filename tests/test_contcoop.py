@@ -15,7 +15,7 @@ from conftest import TINY_CFG
 from openclip_robust.losses.contcoop import (ContCoOpLoss, CoOpLoss, KgCoOpLoss, kd_loss, sample_k_shots,
                                              scan_classes)
 from openclip_robust.prompts import (ClassPrompts, PromptModule, TextTower, class_weights, token_space)
-from openclip_robust.shards import shard_list
+from openclip_robust.data.shards import shard_list
 import math
 import re
 
@@ -293,7 +293,7 @@ def test_train_then_evaluate_in_upgraded_model(tmp_path, family, clip_dirs, hf_d
     # Base by hand: the module inserted into A scores the 64 digit images
     model, preprocess, tok = load(dirs["a"])
     loaded = PromptModule.load(module)
-    from openclip_robust.evaluation import batches, load_suite, resolve_dataset
+    from openclip_robust.evaluation.suite import batches, load_suite, resolve_dataset
     spec = load_suite(str(tmp_path / "suite.json"))[0]
     tower = TextTower(model)
     with torch.no_grad():
@@ -305,7 +305,7 @@ def test_train_then_evaluate_in_upgraded_model(tmp_path, family, clip_dirs, hf_d
 
 def test_several_modules_in_one_pass_equal_one_at_a_time(tmp_path, clip_dirs, digits_dir):
     """evaluate_prompt_modules (one model load and image pass for all files) = evaluate_prompt_module per file."""
-    from openclip_robust.prompt_eval import evaluate_prompt_module, evaluate_prompt_modules
+    from openclip_robust.evaluation.prompt_modules import evaluate_prompt_module, evaluate_prompt_modules
     model, _, tok = load(clip_dirs["a"])
     paths = []
     for seed in (0, 1):
@@ -324,7 +324,7 @@ def test_several_modules_in_one_pass_equal_one_at_a_time(tmp_path, clip_dirs, di
 
 
 def test_evaluate_refuses_other_token_space(tmp_path, clip_dirs, hf_dirs):
-    from openclip_robust.prompt_eval import evaluate_prompt_module
+    from openclip_robust.evaluation.prompt_modules import evaluate_prompt_module
     model, _, tok = load(clip_dirs["a"])
     module, _ = make_module(model, tok)
     module.save(tmp_path / "m.pt")

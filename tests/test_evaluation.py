@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from openclip_robust import evaluation as ev
-from openclip_robust import report, shards
+from openclip_robust.evaluation import suite as ev
+from openclip_robust.evaluation import report
+from openclip_robust.data import shards
 
 NAMES = ["bird", "cat", "dog"]  # ImageFolder order of the class folders
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}.", "{c}!"]
@@ -119,7 +120,7 @@ def test_head_is_prompt_ensembled_from_the_models_own_text_tower(tiny):
     by_hand = torch.stack([class_embedding(clip, tokenizer, n, TEMPLATES) for n in NAMES], dim=1)
     assert head.shape == (32, 3) and torch.allclose(head, by_hand, atol=1e-6)
     from open_clip.model import CLIP
-    from openclip_robust.demo import TINY_CFG
+    from openclip_robust.demo.samples import TINY_CFG
     moved = CLIP(**TINY_CFG).eval()  # another checkpoint: a different text tower gives a different head
     g = torch.Generator().manual_seed(0)
     moved.load_state_dict({k: v + 0.1 * torch.randn(v.shape, generator=g) if k == "text_projection" else v

@@ -14,8 +14,8 @@ import torch
 from open_clip_train.params import parse_args
 from open_clip_train.plugins import PluginManager
 
-from openclip_robust.demo import digits_samples, write_shards
-from openclip_robust.frozen import frozen_copy
+from openclip_robust.demo.samples import digits_samples, write_shards
+from openclip_robust.teachers.frozen import frozen_copy
 from openclip_robust.losses.kernel import Kernel, KernelAlignmentLoss, poly_kernel
 from openclip_robust.plugin import RobustPlugin
 
@@ -137,7 +137,7 @@ def test_kernel_fixed_keeps_the_initial_values(tiny_model_dir, teacher_file):
 
 
 def test_teacher_sees_its_own_normalisation_and_resolution(tiny_model_dir, teacher_file):
-    from openclip_robust.teacher import VisionTeacher
+    from openclip_robust.teachers.vision import VisionTeacher
     clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     teacher = VisionTeacher("test_vit", teacher_file, clip_mean, clip_std)
     pixels = torch.full((1, 3, 32, 32), 0.25)
@@ -216,7 +216,7 @@ def test_kernel_trains_under_torchrun_ddp_on_image_only_shards(tmp_path, tiny_mo
 
 
 def test_teacher_image_size_override_resamples_position_embeddings(teacher_file):
-    from openclip_robust.teacher import VisionTeacher
+    from openclip_robust.teachers.vision import VisionTeacher
     teacher = VisionTeacher("test_vit", teacher_file, (0.5,) * 3, (0.5,) * 3, image_size=48)
     assert teacher.size == (48, 48) and teacher.view(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 48, 48)
     saved = torch.load(teacher_file)["pos_embed"]  # 160 px / 16 = 10 x 10 patches + the class token
@@ -261,7 +261,7 @@ def test_missing_teacher_file_and_unknown_name_are_clear_errors(tmp_path, teache
 
 
 def test_unreadable_teacher_file_names_the_flag(tmp_path):
-    from openclip_robust.teacher import VisionTeacher
+    from openclip_robust.teachers.vision import VisionTeacher
     garbage = tmp_path / "teacher.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="--kernel-teacher-pretrained .*teacher.pth: not a readable checkpoint"):
@@ -269,7 +269,7 @@ def test_unreadable_teacher_file_names_the_flag(tmp_path):
 
 
 def test_teacher_with_the_wrong_output_shape_is_refused(tmp_path, teacher_file, monkeypatch):
-    from openclip_robust.teacher import VisionTeacher
+    from openclip_robust.teachers.vision import VisionTeacher
 
     class SpatialOutput(torch.nn.Module):  # e.g. a backbone that returns feature maps, not pooled features
         def __init__(self, inner):
@@ -293,7 +293,7 @@ def test_teacher_with_the_wrong_output_shape_is_refused(tmp_path, teacher_file, 
 
 
 def test_weights_of_another_architecture_are_refused_with_the_first_mismatches(teacher_file):
-    from openclip_robust.teacher import VisionTeacher
+    from openclip_robust.teachers.vision import VisionTeacher
     with pytest.raises(ValueError, match=r"does not fit --kernel-teacher vit_small_patch14_dinov2: size mismatch "
                                          r"for cls_token.*\(and \d+ more\)"):
         VisionTeacher("vit_small_patch14_dinov2", teacher_file, (0.5,) * 3, (0.5,) * 3)
@@ -338,8 +338,8 @@ def loss_with_cache(tiny_model_dir, shards, teacher_file, cache, workers=1, batc
 def test_kernel_cache_holds_the_teachers_view_of_every_target_image(kernel_cache, tiny_model_dir, image_only_shards,
                                                                      teacher_file):
     import webdataset as wds
-    from openclip_robust.teacher import VisionTeacher
-    from openclip_robust.teacher_cache import TeacherCache, file_sha256
+    from openclip_robust.teachers.vision import VisionTeacher
+    from openclip_robust.teachers.cache import TeacherCache, file_sha256
     cache = TeacherCache(kernel_cache, "kernel-teacher")
     record = cache.manifest["provenance"]
     assert cache.manifest["kind"] == "kernel-teacher" and len(cache) == 64 and cache.dims() == {"teacher_features": 64}
@@ -370,7 +370,7 @@ def test_cache_teacher_command_refuses_mixed_or_incomplete_flags(tmp_path, tiny_
 def test_cached_features_reach_step_inputs_batch_by_batch(kernel_cache, tiny_model_dir, image_only_shards,
                                                           teacher_file):
     """Two workers, 8 batches: each batch's looked-up rows are the teacher's features of its own images."""
-    from openclip_robust.teacher import VisionTeacher
+    from openclip_robust.teachers.vision import VisionTeacher
     model, frozen, loss, loader = loss_with_cache(tiny_model_dir, image_only_shards, teacher_file, kernel_cache,
                                                   workers=2)
     assert loss.teacher is None  # no teacher built
@@ -419,7 +419,7 @@ def test_stale_or_wrong_kernel_cache_is_refused_before_training(tmp_path, kernel
     other = tmp_path / "other_teacher.pth"
     torch.manual_seed(1)
     torch.save(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), other)
-    from openclip_robust.teacher_cache import file_sha256
+    from openclip_robust.teachers.cache import file_sha256
     data = ["--train-data", image_only_shards]
     err = plugin_error(data + cache_flags(str(other), kernel_cache), capsys)
     assert "--kernel-teacher-cache" in err and "its teacher_weights_sha256 differs" in err

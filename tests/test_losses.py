@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from openclip_robust.losses.dive import DiVELoss, parse_terms
 from openclip_robust.losses.replay import ReplayLoss
 from openclip_robust.losses.snd import SnDLoss
-from openclip_robust.registry import get_loss_class, loss_names
+from openclip_robust.losses import get_loss_class, loss_names
 
 
 def make_args(**kw):

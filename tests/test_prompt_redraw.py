@@ -5,7 +5,7 @@ import open_clip
 import torch
 from open_clip_train.data import get_data
 
-from openclip_robust.demo import digits_samples, write_shards
+from openclip_robust.demo.samples import digits_samples, write_shards
 from openclip_robust.plugin import redraw_prompts
 
 TEMPLATES = ["a photo of the digit {c}.", "a sketch of {c}.", "{c}, handwritten.", "the number {c}."]

@@ -13,7 +13,7 @@ from open_clip_train.plugins import PluginManager
 
 from conftest import photo_samples, tiny_model, write_shards
 from openclip_robust.plugin import RobustPlugin
-from openclip_robust.teacher_cache import (
+from openclip_robust.teachers.cache import (
     TeacherCache, assert_deterministic, build_cache, check_provenance, preprocess_fingerprint)
 from test_training_e2e import logged, run_main, train_args
 

@@ -3,7 +3,8 @@ import open_clip
 import pytest
 import torch
 
-from openclip_robust import evaluation, wise
+from openclip_robust.evaluation import suite as evaluation
+from openclip_robust.evaluation import wise
 
 
 def state_dicts():
@@ -40,7 +41,7 @@ def test_mismatched_architectures_are_refused_naming_the_key(tmp_path, tiny_mode
     with pytest.raises(ValueError, match="key 'c' missing from the fine-tuned model"):
         wise.interpolate_state_dicts({"c": torch.zeros(1)}, {"d": torch.zeros(1)}, 0.5)
     from open_clip.model import CLIP
-    from openclip_robust.demo import TINY_CFG
+    from openclip_robust.demo.samples import TINY_CFG
     wider = dict(TINY_CFG, embed_dim=48)  # another architecture
     torch.save({"state_dict": CLIP(**wider).state_dict()}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="different architectures.*has shape"):

@@ -1,3 +1,3 @@
-"""Built-in methods: importing a module registers it (one line per method)."""
-from openclip_robust.losses import flyp, dive, replay, snd, kernel  # noqa: F401
-from openclip_robust.losses import contcoop  # noqa: F401
+"""Every robust method, one module each; importing this package registers them all."""
+from openclip_robust.losses import contcoop, dive, flyp, kernel, replay, snd  # noqa: F401  (registration)
+from openclip_robust.losses.registry import get_loss_class, loss_names, register_loss  # noqa: F401

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from openclip_robust import shards as sh
+from openclip_robust.data import shards as sh
 from openclip_robust.losses.base import RobustLoss, fp32
 from openclip_robust.prompts import (ClassPrompts, PromptModule, TextTower, class_weights, token_space, unwrap,
                                      zeroshot_weights)
-from openclip_robust.registry import register_loss
+from openclip_robust.losses.registry import register_loss
 
 
 # -- few-shot data -----------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import torch
 
 from openclip_robust.distributed import all_reduce_mean
 from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
-from openclip_robust.registry import register_loss
-from openclip_robust.teacher_cache import frozen_reference_features
+from openclip_robust.losses.registry import register_loss
+from openclip_robust.teachers.cache import frozen_reference_features
 
 TERMS = ("avl", "pvl")
 

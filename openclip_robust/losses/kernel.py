@@ -19,11 +19,11 @@ import torch
 from open_clip.loss import gather_features
 from torch import nn
 
-from openclip_robust import teacher_cache
-from openclip_robust.image_only import get_image_only_wds, is_webdataset
+from openclip_robust.teachers import cache as teacher_cache
+from openclip_robust.data.image_only import get_image_only_wds, is_webdataset
 from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
-from openclip_robust.registry import register_loss
-from openclip_robust.teacher import VisionTeacher, check_teacher_flags
+from openclip_robust.losses.registry import register_loss
+from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags
 
 CACHE_KIND = "kernel-teacher"
 

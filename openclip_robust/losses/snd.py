@@ -1,8 +1,8 @@
 """SnD as DiVE adapts it (Appendix B, Eq. 12-13): distil reference image embeddings from the
 frozen model. The original SnD code (dual teachers, frozen text tower) differs; see README."""
 from openclip_robust.losses.base import RobustLoss, sq_dist
-from openclip_robust.registry import register_loss
-from openclip_robust.teacher_cache import frozen_reference_features
+from openclip_robust.losses.registry import register_loss
+from openclip_robust.teachers.cache import frozen_reference_features
 
 
 @register_loss("snd")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from openclip_robust import shards as sh
+from openclip_robust.data import shards as sh
 from openclip_robust.miniature.cache import cached
 from openclip_robust.miniature.experiment import QUICK, Config, prepare, shard_spec
 from openclip_robust.miniature.jobs import run_in_child, train_upstream
@@ -69,7 +69,7 @@ def build_model_b(dst, cfg, cache_root, text_dir, image_size):
 @torch.no_grad()
 def text_movement(model_a, model_b, classnames, template="a photo of a {c}."):
     """Mean 1 − cos between A's and B's text features of the class prompts."""
-    from openclip_robust.evaluation import load_model
+    from openclip_robust.evaluation.suite import load_model
     feats = []
     for name in (model_a, model_b):
         m, _, tok = load_model(f"local-dir:{name}")
@@ -136,7 +136,7 @@ def train_prompt(dst, model_a, train_dir, method, shots, seed, epochs, lr):
 @torch.no_grad()
 def image_features(model_dir, data_dir, workers=0):
     """(features, labels) of a shard folder; in shard order with workers=0 (workers split the shards)."""
-    from openclip_robust.evaluation import DatasetSpec, batches, load_model, resolve_dataset
+    from openclip_robust.evaluation.suite import DatasetSpec, batches, load_model, resolve_dataset
     model, preprocess, _ = load_model(f"local-dir:{model_dir}")
     spec = DatasetSpec(name=Path(data_dir).name, role="id", path=str(data_dir))
     feats, labels = [], []
@@ -169,7 +169,7 @@ def harmonic(a, b):
 
 
 def run(cfg, out, seeds, which, shots, epochs, lr, b_image_size, jobs=None):
-    from openclip_robust.prompt_eval import evaluate_prompt_modules
+    from openclip_robust.evaluation.prompt_modules import evaluate_prompt_modules
     torch.set_flush_denormal(True)
     t0 = time.time()
     out = Path(out)

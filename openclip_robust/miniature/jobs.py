@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
-PRELOAD = ["torch", "open_clip_train.main", "openclip_robust.plugin", "openclip_robust.evaluation",
+PRELOAD = ["torch", "open_clip_train.main", "openclip_robust.plugin", "openclip_robust.evaluation.suite",
            "clip_benchmark.metrics.zeroshot_classification", "sklearn.metrics", "openclip_robust.miniature.jobs"]
 
 

@@ -5,7 +5,7 @@ Reference: photographs bundled with scikit-image, with captions saying what they
 Model: a tiny randomly initialised ViT CLIP saved as an open_clip ``local-dir:`` folder. It shows
 the pipeline, not robustness: the real-data miniature of the paper is ``python -m openclip_robust.miniature``.
 
-    python -m openclip_robust.demo [--out runs/demo] [--robust-loss dive] [--epochs 2]
+    python -m openclip_robust.demo.samples [--out runs/demo] [--robust-loss dive] [--epochs 2]
 
 builds OUT/{model,target,reference} (once) and trains through ``open_clip_train.main``, printing
 the exact upstream command it ran.
@@ -167,5 +167,5 @@ def main(argv=None):
     return status
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m openclip_robust.demo.samples
     raise SystemExit(main())

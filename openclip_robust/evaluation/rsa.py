@@ -94,7 +94,7 @@ def embed_pairs(model, preprocess, tokenizer, data, max_samples=8000, batch_size
 
     data: shards, a CLIP_benchmark retrieval folder or a folder of x.jpg + x.txt (see evaluation).
     """
-    from openclip_robust.evaluation import DatasetSpec, embed_images_texts, first_caption_rows, resolve_dataset
+    from openclip_robust.evaluation.suite import DatasetSpec, embed_images_texts, first_caption_rows, resolve_dataset
     spec = DatasetSpec(name=str(data), role="retrieval", path=str(data), max_samples=max_samples)
     images, texts, index = embed_images_texts(model, tokenizer, spec, resolve_dataset(spec), preprocess, device,
                                               batch_size, workers)
@@ -107,7 +107,7 @@ def rsa_runs(pre, runs, data, max_samples=8000, batch_size=64, device="cpu", wor
     pre, runs: evaluation.Run (model name, checkpoint, pretrained). Returns {run name: {"image",
     "text", "joint"}}, with the pre-trained run itself at 1.0 by definition.
     """
-    from openclip_robust.evaluation import load_model
+    from openclip_robust.evaluation.suite import load_model
 
     def embed(run):
         model, preprocess, tokenizer = load_model(run.model, run.checkpoint, run.pretrained, device)

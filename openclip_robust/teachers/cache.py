@@ -139,7 +139,7 @@ def kernel_teacher_provenance(teacher, teacher_pretrained, teacher_image_size=No
     transform (whose Normalize also gives VisionTeacher the student's mean and std) before the teacher's
     own resize and normalisation. `preprocess` None leaves that field out (checked once the run has it)."""
     import timm
-    from openclip_robust.teacher import teacher_input_size
+    from openclip_robust.teachers.vision import teacher_input_size
     record = {"teacher": teacher, "teacher_weights_sha256": file_sha256(teacher_pretrained),
               "teacher_image_size": list(teacher_input_size(teacher, teacher_image_size)),
               "model_name": model_name, "precision": precision, "timm": timm.__version__}
@@ -271,11 +271,11 @@ def _shard_loader(urls, preprocess, tokenizer, batch_size, workers):
     import webdataset as wds
     from open_clip_train.data import filter_no_caption_or_no_image, log_and_continue, tarfile_to_samples_nothrow
     if tokenizer is None:
-        from openclip_robust.image_only import IMAGE_KEYS, has_image
+        from openclip_robust.data.image_only import IMAGE_KEYS, has_image
         stages = [wds.select(has_image), wds.decode("pilrgb", handler=log_and_continue),
                   wds.rename(image=IMAGE_KEYS), wds.map_dict(image=preprocess), wds.to_tuple("__key__", "image")]
     else:
-        from openclip_robust.reference import IMAGE_EXTS
+        from openclip_robust.data.reference import IMAGE_EXTS
         stages = [wds.select(filter_no_caption_or_no_image), wds.decode("pilrgb", handler=log_and_continue),
                   wds.rename(image=";".join(IMAGE_EXTS), text="txt"),
                   wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
@@ -350,7 +350,7 @@ def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32"
     import open_clip
     from open_clip_train.main import random_seed
     from open_clip_train.precision import get_autocast
-    from openclip_robust.reference import readable_shards
+    from openclip_robust.data.reference import readable_shards
 
     rank, world, device = _start(out_dir, device)
     random_seed(seed, 0)  # as upstream before creating the model: random-init weights match too
@@ -399,7 +399,7 @@ def build_kernel_teacher_cache(teacher, teacher_pretrained, train_data, out_dir,
     returns the manifest (rank 0). The student's weights are not loaded: only its preprocessing counts."""
     import open_clip
     from open_clip_train.precision import get_autocast
-    from openclip_robust.teacher import VisionTeacher, check_teacher_flags
+    from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags
 
     check_teacher_flags(teacher, teacher_pretrained, teacher_image_size)
     urls = target_shards(train_data)

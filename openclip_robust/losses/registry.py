@@ -1,7 +1,7 @@
-"""The method registry (timm-style): ``@register_loss("name")`` on a RobustLoss subclass.
+"""The method registry (timm-style), a leaf module: ``@register_loss("name")`` on a RobustLoss subclass.
 
 A new method is one module under ``openclip_robust/losses/`` plus its import line in
-``losses/__init__.py``; ``--robust-loss`` lists whatever is registered.
+``losses/__init__.py``, which imports them all; ``--robust-loss`` lists whatever is registered.
 """
 _LOSSES = {}
 
@@ -17,12 +17,10 @@ def register_loss(name):
 
 
 def loss_names():
-    import openclip_robust.losses  # noqa: F401  (registers the built-in methods)
     return sorted(_LOSSES)
 
 
 def get_loss_class(name):
-    names = loss_names()
     if name not in _LOSSES:
-        raise ValueError(f"unknown robust loss '{name}'; choose one of: {', '.join(names)}")
+        raise ValueError(f"unknown robust loss '{name}'; choose one of: {', '.join(loss_names())}")
     return _LOSSES[name]

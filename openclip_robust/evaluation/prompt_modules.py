@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from openclip_robust.evaluation import batches, load_model, load_suite, resolve_dataset, zeroshot_head
+from openclip_robust.evaluation.suite import batches, load_model, load_suite, resolve_dataset, zeroshot_head
 from openclip_robust.prompts import ClassPrompts, PromptModule, TextTower, class_weights
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from openclip_robust import shards as sh
+from openclip_robust.data import shards as sh
 
 ROLES = ("id", "ood", "zeroshot", "retrieval")
 CLASSIFICATION_METRICS = ("top1", "top5", "balanced_acc", "macro_f1")
@@ -458,7 +458,7 @@ def evaluate(runs, suite, out_dir=None, device="cpu", batch_size=64, workers=0, 
     rsa: optional {run name or method: joint score | {"image", "text", "joint"}} or a JSON file of it
     (as written by ``python -m openclip_robust rsa``); fills the RSA column.
     """
-    from openclip_robust import report
+    from openclip_robust.evaluation import report
     specs = load_suite(suite)
     for s in specs:  # fail on a bad suite before loading any model
         resolve_dataset(s)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from openclip_robust import demo
+from openclip_robust.demo import samples as demo
 
 # scikit-image photo name → class name for the zero-shot set
 PHOTO_CLASSES = {"astronaut": "astronaut", "camera": "cameraman", "coffee": "cup of coffee", "chelsea": "cat",

@@ -1,0 +1,1 @@
+"""Data: reference stream, image-only target data, shard writers and prompt redraw."""

@@ -1,0 +1,1 @@
+"""The embedded demo: small real data and a tiny open_clip model, offline."""

@@ -1,0 +1,3 @@
+from openclip_robust.demo.samples import main
+
+main()
