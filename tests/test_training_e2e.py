@@ -10,7 +10,7 @@ import pytest
 import torch
 from open_clip_train.main import main
 
-from conftest import TINY_CFG
+from openclip_robust.demo.samples import TINY_CFG
 
 pytestmark = pytest.mark.slow
 

@@ -11,13 +11,12 @@ import torch
 from open_clip_train.params import parse_args
 from open_clip_train.plugins import PluginManager
 
-from conftest import photo_samples, tiny_model, write_shards
+from openclip_robust.demo.samples import photo_samples, tiny_model, write_shards
 from openclip_robust.plugin import RobustPlugin
 from openclip_robust.teachers.cache import (
     TeacherCache, assert_deterministic, build_cache, check_provenance, preprocess_fingerprint)
 from test_training_e2e import logged, run_main, train_args
 
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_CFG
+from openclip_robust.demo.samples import TINY_CFG
 from openclip_robust.losses.contcoop import (ContCoOpLoss, CoOpLoss, KgCoOpLoss, kd_loss, sample_k_shots,
                                              scan_classes)
 from openclip_robust.prompts import (ClassPrompts, PromptModule, TextTower, class_weights, token_space)

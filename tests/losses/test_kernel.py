@@ -173,7 +173,7 @@ def test_two_ddp_processes_train_exactly_like_one_process_on_the_global_batch(tm
                                                                               gather_with_grad):
     """Same kernel loss, same image tower and kernel parameters after two SGD steps (DDP, gloo)."""
     from dist_kernel_worker import run
-    env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{HERE.parent}", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29600 + os.getpid() % 300 + 300 * gather_with_grad),
            str(HERE / "dist_kernel_worker.py"), tiny_model_dir, teacher_file, str(tmp_path),
@@ -199,7 +199,7 @@ def test_two_ddp_processes_train_exactly_like_one_process_on_the_global_batch(tm
 def test_kernel_trains_under_torchrun_ddp_on_image_only_shards(tmp_path, tiny_model_dir, image_only_shards,
                                                                teacher_file):
     """upstream's main under torchrun (gloo, CPU): image-only shards, a rank each, kernel parameters trained."""
-    from test_distributed import torchrun
+    from test_dive_distributed import torchrun
     torchrun(["-m", "open_clip_train.main", "--model", f"local-dir:{tiny_model_dir}", "--train-data",
               image_only_shards, "--train-num-samples", "64", "--dataset-type", "webdataset", "--batch-size", "8",
               "--epochs", "1", "--workers", "1", "--lr", "1e-3", "--warmup", "1", "--log-every-n-steps", "1",

@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc_per_node N`: DiVE on this rank's slice of a fixed global batch.
 
-Writes m after every step to OUT/rank{r}.pt, for tests/test_distributed.py to compare.
+Writes m after every step to OUT/rank{r}.pt, for tests/losses/test_dive_distributed.py to compare.
 """
 import sys
 
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from openclip_robust.losses.dive import DiVELoss
-from test_losses import make_args, unit
+from test_dive_snd_replay import make_args, unit
 
 
 def global_batches(steps, n=8, d=6):
