@@ -14,6 +14,3 @@ def all_reduce_mean(tensor):
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor / dist.get_world_size()
 
-
-def rank_and_world():
-    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)

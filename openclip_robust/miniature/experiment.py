@@ -23,9 +23,6 @@ from openclip_robust.miniature.cache import cached, params_key
 from openclip_robust.miniature.jobs import JobPool, run_in_child, train_upstream
 from openclip_robust.miniature.model import CONTEXT_LENGTH, WEIGHTS_FILE, build_model_a, text_tower_without_dropout
 
-PAPER_LAMBDA_GRID = (100, 500, 1000, 2500, 5000)  # DiVE paper, Sec. 5.1
-
-
 @dataclass
 class Config:
     image_size: int = 64

@@ -39,7 +39,6 @@ import torch
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-CHECKED = ("model_cfg", "weights_sha256", "preprocess", "tokenizer")  # reference kind: a mismatch is an error
 RANDOM_TRANSFORM = re.compile(r"Random|Jitter|Augment|AugMix|Trivial|Blur|Erasing|Grayscale")
 
 # What each kind holds, which training flag reads it, and which provenance fields must match the run's
