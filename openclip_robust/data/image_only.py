@@ -18,16 +18,13 @@ from open_clip_train.data import (
     ResampledShards2, SharedEpoch, detshuffle2, expand_urls, get_dataset_fn, get_dataset_size, get_wds_dataset,
     log_and_continue, tarfile_to_samples_nothrow)
 
-IMAGE_KEYS = "jpg;png;jpeg;webp"
+from openclip_robust.data.shard_format import IMAGE_KEYS, has_image
 
 
 def is_webdataset(args):
     """Whether upstream would read --train-data as webdataset shards (its --dataset-type auto rule)."""
     return get_dataset_fn(args.train_data, args.dataset_type) is get_wds_dataset
 
-
-def has_image(sample):
-    return any(k in sample for k in IMAGE_KEYS.split(";"))
 
 
 class KeyedBatches:

@@ -20,29 +20,17 @@ from open_clip_train.data import (
     ResampledShards2, SharedEpoch, expand_urls, filter_no_caption_or_no_image, log_and_continue,
     tarfile_to_samples_nothrow)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def _is_local(url):
-    return "://" not in url and not url.startswith("pipe:")
+from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, has_image, is_local, tar_samples
 
 
 def first_sample_ok(path):
     """Whether the tar at `path` opens and its first sample has an image and a caption."""
     try:
         with tarfile.open(path) as tar:
-            key, exts = None, set()
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base, _, ext = os.path.basename(member.name).partition(".")
-                if key is not None and base != key:
-                    break
-                key = base
-                exts.add(ext.lower())
+            _, exts = next(tar_samples(tar), (None, {}))
     except (OSError, tarfile.TarError):
         return False
-    return "txt" in exts and any(e in exts for e in IMAGE_EXTS)
+    return "txt" in exts and has_image(exts)
 
 
 def readable_shards(spec, flag="--ref-data"):
@@ -54,7 +42,7 @@ def readable_shards(spec, flag="--ref-data"):
     urls, _ = expand_urls(spec)
     good = []
     for url in urls:
-        if not _is_local(url):
+        if not is_local(url):
             good.append(url)
         elif first_sample_ok(url):
             good.append(url)
@@ -112,7 +100,7 @@ class ReferenceStream:
             SeededShuffle(shuffle_buffer, min(100, shuffle_buffer), seed_fn, self.epoch),
             wds.select(filter_no_caption_or_no_image),
             wds.decode("pilrgb", handler=log_and_continue),
-            wds.rename(image=";".join(IMAGE_EXTS), text="txt"),
+            wds.rename(image=IMAGE_KEYS, text="txt"),
             wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
             wds.to_tuple("image", "text", "__key__"),
             wds.batched(args.ref_batch_size, partial=False),

@@ -28,8 +28,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from openclip_robust.data.shard_format import image_of, tar_samples
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the keys upstream's loader reads as the image
 MAX_NAMES_LOGGED = 50
 
 
@@ -298,23 +299,6 @@ def shard_list(spec):
     return expand_urls(spec)[0]
 
 
-def tar_samples(tar):
-    """Yield (key, {ext: member}) per sample of an open TarFile, grouping consecutive members as webdataset does."""
-    key, exts = None, {}
-    for m in tar:
-        if not m.isfile():
-            continue
-        base, _, ext = os.path.basename(m.name).partition(".")
-        k = os.path.join(os.path.dirname(m.name), base)
-        if key is not None and k != key:
-            yield key, exts
-            exts = {}
-        key = k
-        exts[ext.lower()] = m
-    if key is not None:
-        yield key, exts
-
-
 def check_ref_shards(shards, decode=False, write_sizes=False):
     """Validate image-caption shards as they are (e.g. img2dataset output): count image+txt samples.
 
@@ -337,7 +321,7 @@ def check_ref_shards(shards, decode=False, write_sizes=False):
         with tarfile.open(path) as tar:
             for key, exts in tar_samples(tar):
                 stats["samples"] += 1
-                image = next((exts[e] for e in SHARD_IMAGE_EXTS if e in exts), None)
+                image = image_of(exts)
                 if image is None:
                     stats["missing_image"] += 1
                     bad.append((f"{path}:{key}", "no image"))

@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from openclip_robust.data import shards as sh
+from openclip_robust.data.shard_format import image_of, is_local
 
 ROLES = ("id", "ood", "zeroshot", "retrieval")
 CLASSIFICATION_METRICS = ("top1", "top5", "balanced_acc", "macro_f1")
@@ -100,7 +101,7 @@ def load_suite(suite):
             raise ValueError(f"dataset '{spec.name}': metrics {bad} not in {allowed}")
         for key in ("path", "classnames", "templates"):
             value = getattr(spec, key)
-            if value is not None and "://" not in value:
+            if value is not None and is_local(value):
                 setattr(spec, key, str(base / os.path.expanduser(value)))
         specs.append(spec)
     return specs
@@ -186,7 +187,7 @@ class _Files(torch.utils.data.Dataset):
 def _wds_sample(preprocess, target_key):
     def fn(sample):
         name = f"{sample.get('__url__', '')}:{sample['__key__']}"
-        image = next((sample[e] for e in sh.SHARD_IMAGE_EXTS if e in sample), None)
+        image = image_of(sample)
         if image is None or target_key not in sample:
             return None, None, (name, f"no image or no {target_key}")
         target = sample[target_key].decode("utf-8")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from openclip_robust.data import shards as sh
+from openclip_robust.data.shard_format import has_image, image_of, tar_samples
 from openclip_robust.losses.base import RobustLoss, fp32
 from openclip_robust.prompts import (ClassPrompts, PromptModule, TextTower, class_weights, token_space, unwrap,
                                      zeroshot_weights)
@@ -38,8 +39,8 @@ def scan_classes(urls):
     out = []
     for url in urls:
         with tarfile.open(url) as tar:
-            for key, members in sh.tar_samples(tar):
-                if "cls" in members and any(e in members for e in sh.SHARD_IMAGE_EXTS):
+            for key, members in tar_samples(tar):
+                if "cls" in members and has_image(members):
                     out.append((url, key, int(tar.extractfile(members["cls"]).read().decode().strip())))
     return out
 
@@ -69,9 +70,9 @@ def read_samples(chosen):
     images = {}
     for url, keys in wanted.items():
         with tarfile.open(url) as tar:
-            for key, members in sh.tar_samples(tar):
+            for key, members in tar_samples(tar):
                 if key in keys:
-                    m = next(members[e] for e in sh.SHARD_IMAGE_EXTS if e in members)
+                    m = image_of(members)
                     images[(url, key)] = tar.extractfile(m).read()
     return [images[(url, key)] for url, key, _ in chosen]
 

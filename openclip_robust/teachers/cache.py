@@ -37,6 +37,8 @@ from collections import Counter
 
 import torch
 
+from openclip_robust.data.shard_format import IMAGE_KEYS, has_image, is_local
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 RANDOM_TRANSFORM = re.compile(r"Random|Jitter|Augment|AugMix|Trivial|Blur|Erasing|Grayscale")
@@ -270,13 +272,11 @@ def _shard_loader(urls, preprocess, tokenizer, batch_size, workers):
     import webdataset as wds
     from open_clip_train.data import filter_no_caption_or_no_image, log_and_continue, tarfile_to_samples_nothrow
     if tokenizer is None:
-        from openclip_robust.data.image_only import IMAGE_KEYS, has_image
         stages = [wds.select(has_image), wds.decode("pilrgb", handler=log_and_continue),
                   wds.rename(image=IMAGE_KEYS), wds.map_dict(image=preprocess), wds.to_tuple("__key__", "image")]
     else:
-        from openclip_robust.data.reference import IMAGE_EXTS
         stages = [wds.select(filter_no_caption_or_no_image), wds.decode("pilrgb", handler=log_and_continue),
-                  wds.rename(image=";".join(IMAGE_EXTS), text="txt"),
+                  wds.rename(image=IMAGE_KEYS, text="txt"),
                   wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
                   wds.to_tuple("__key__", "image", "text")]
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, tarfile_to_samples_nothrow, *stages,
@@ -382,7 +382,7 @@ def target_shards(train_data):
     """--train-data expanded as upstream does (braces, '::'); a local shard that does not exist is an error."""
     from open_clip_train.data import expand_urls
     urls, _ = expand_urls(train_data)
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
         raise ValueError(f"--train-data {train_data!r}: shard {missing[0]} not found ({len(missing)} of {len(urls)} "
                          f"missing)")
