@@ -25,8 +25,13 @@ from pathlib import Path
 import torch
 
 from openclip_robust.data import shards as sh
+from openclip_robust.evaluation.prompt_modules import evaluate_prompt_modules, harmonic
+from openclip_robust.evaluation.suite import DatasetSpec, batches, load_model, resolve_dataset
+from openclip_robust.losses.contcoop import sample_k_shots, scan_classes
+from openclip_robust.miniature import data as md
 from openclip_robust.miniature.cache import cached
-from openclip_robust.miniature.experiment import QUICK, Config, prepare, shard_spec
+from openclip_robust.miniature.experiment import QUICK, Config, prepare, render_needed, shard_spec
+from openclip_robust.miniature.model import build_model_a
 from openclip_robust.miniature.jobs import run_in_child, train_upstream
 
 PAPER = {"ZS": (65.5, 70.8, 68.0), "LP": (78.2, 1.8, 3.6), "CoOp": (79.9, 75.4, 77.6),
@@ -50,9 +55,6 @@ def build_model_b(dst, cfg, cache_root, text_dir, image_size):
     text embeddings move (reported; both heads map the same MiniLM features, so the spaces stay linearly
     related); the held-out categories and pairs stay out as for A.
     """
-    from openclip_robust.miniature import data as md
-    from openclip_robust.miniature.experiment import render_needed
-    from openclip_robust.miniature.model import build_model_a
     splits = md.split_openclipart(md.openclipart_items(), cfg.align_val_pairs, cfg.heldout_pairs, cfg.seed)
     clipart_dir = (Path(cache_root) / f"clipart-{cfg.clipart_size}px").resolve()
     bad = render_needed(clipart_dir, sorted({rel for k in ("align_train", "align_val") for rel, _, _ in splits[k]}),
@@ -69,7 +71,6 @@ def build_model_b(dst, cfg, cache_root, text_dir, image_size):
 @torch.no_grad()
 def text_movement(model_a, model_b, classnames, template="a photo of a {c}."):
     """Mean 1 − cos between A's and B's text features of the class prompts."""
-    from openclip_robust.evaluation.suite import load_model
     feats = []
     for name in (model_a, model_b):
         m, _, tok = load_model(f"local-dir:{name}")
@@ -81,8 +82,6 @@ def text_movement(model_a, model_b, classnames, template="a photo of a {c}."):
 def clipart_task(dst, stage, cfg, cache_root, shots, seed=0):
     """Held-out clip-art categories (all their images, uncapped) with at least shots + 4 images: `shots`
     per class for training, the rest for test."""
-    from openclip_robust.miniature import data as md
-    from openclip_robust.miniature.experiment import render_needed
     dst = Path(dst)
     zeroshot = md.split_openclipart(md.openclipart_items(), cfg.align_val_pairs, cfg.heldout_pairs, cfg.seed)["zeroshot"]
     clipart_dir = (Path(cache_root) / f"clipart-{cfg.clipart_size}px").resolve()
@@ -136,7 +135,6 @@ def train_prompt(dst, model_a, train_dir, method, shots, seed, epochs, lr):
 @torch.no_grad()
 def image_features(model_dir, data_dir, workers=0):
     """(features, labels) of a shard folder; in shard order with workers=0 (workers split the shards)."""
-    from openclip_robust.evaluation.suite import DatasetSpec, batches, load_model, resolve_dataset
     model, preprocess, _ = load_model(f"local-dir:{model_dir}")
     spec = DatasetSpec(name=Path(data_dir).name, role="id", path=str(data_dir))
     feats, labels = [], []
@@ -148,8 +146,7 @@ def image_features(model_dir, data_dir, workers=0):
 
 def linear_probe(model_a, model_b, train_dir, test_dir, shots, seeds):
     """LP on A's features of the K-shot sample each prompt run draws (one per seed); [A top-1, B top-1] per seed."""
-    from sklearn.linear_model import LogisticRegression
-    from openclip_robust.losses.contcoop import sample_k_shots, scan_classes
+    from sklearn.linear_model import LogisticRegression  # here: scikit-learn's import (~1 s) only for the probe
     rows = scan_classes(sh.shard_list(str(train_dir)))
     names = sh.read_lines(Path(train_dir) / "classnames.txt")
     x, y = image_features(model_a, train_dir)  # same shard order as scan_classes (both read the tars in order)
@@ -164,12 +161,7 @@ def linear_probe(model_a, model_b, train_dir, test_dir, shots, seeds):
     return out
 
 
-def harmonic(a, b):
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-
 def run(cfg, out, seeds, which, shots, epochs, lr, b_image_size, jobs=None):
-    from openclip_robust.evaluation.prompt_modules import evaluate_prompt_modules
     torch.set_flush_denormal(True)
     t0 = time.time()
     out = Path(out)
