@@ -69,6 +69,7 @@ def write_model(name, directory):
     """An open_clip local-dir: folder for `name` (tiny, small or an open_clip config), random init."""
     import open_clip
     import torch
+    from openclip_robust.data.shards import write_samples
     from openclip_robust.demo.samples import TINY_CFG
     cfg = {"tiny": TINY_CFG, "small": SMALL_CFG}.get(name) or open_clip.get_model_config(name)
     if cfg is None:
@@ -83,12 +84,12 @@ def write_model(name, directory):
 
 
 def write_data(directory, n_target, n_reference):
-    from openclip_robust.demo.samples import digits_samples, photo_samples, write_shards
+    from openclip_robust.demo.samples import digits_samples, photo_samples
     digits = digits_samples(min(n_target, 1797))
     target = [digits[i % len(digits)] for i in range(n_target)]
-    return (write_shards(os.path.join(directory, "target"), target, per_shard=max(64, n_target // 4)),
-            write_shards(os.path.join(directory, "reference"), photo_samples(n_reference),
-                         per_shard=max(16, n_reference // 4)))
+    return (write_samples(os.path.join(directory, "target"), target, max(64, n_target // 4))["shards"],
+            write_samples(os.path.join(directory, "reference"), photo_samples(n_reference),
+                          max(16, n_reference // 4))["shards"])
 
 
 def tower_flops(model_spec):

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from openclip_robust.demo.samples import TINY_CFG, digits_samples, photo_samples, tiny_model, write_shards  # noqa: F401
+from openclip_robust.data.shards import write_samples
+from openclip_robust.demo.samples import TINY_CFG, digits_samples, photo_samples, tiny_model  # noqa: F401
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_flush_denormal(True)
@@ -28,9 +29,9 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def target_shards(tmp_path_factory):
-    return write_shards(str(tmp_path_factory.mktemp("target")), digits_samples(64), per_shard=32)
+    return write_samples(str(tmp_path_factory.mktemp("target")), digits_samples(64), 32)["shards"]
 
 
 @pytest.fixture(scope="session")
 def ref_shards(tmp_path_factory):
-    return write_shards(str(tmp_path_factory.mktemp("reference")), photo_samples(48), per_shard=16)
+    return write_samples(str(tmp_path_factory.mktemp("reference")), photo_samples(48), 16)["shards"]

@@ -121,39 +121,55 @@ def warn_skipped(skipped, total, what="unreadable image(s)", where=""):
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _write_shards(records, out_dir, samples_per_shard, workers, desc):
-    """records: list of (image path, {field: text}). Writes shards + sizes.json; returns a summary."""
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+def write_samples(out_dir, samples, per_shard):
+    """Write samples ({ext: bytes or text}, in order; an iterable) as OUT/000000.tar, 000001.tar, ... of
+    `per_shard` each, keyed 000000000, 000000001, ... in write order, and, when any was written, sizes.json.
+    Returns {"shards" (the brace spec), "num_samples", "num_shards", "dir"}."""
+    if per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {per_shard}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sizes, skipped, sink, written = {}, [], None, 0
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL
+    sizes, sink, written = {}, None, 0
+    try:
+        for sample in samples:
+            if written % per_shard == 0:
+                if sink is not None:
+                    sink.close()
+                name = f"{written // per_shard:06d}.tar"
+                sink, sizes[name] = wds.TarWriter(str(out_dir / name)), 0
+            sink.write({"__key__": f"{written:09d}", **sample})
+            sizes[name] += 1
+            written += 1
+    finally:
+        if sink is not None:
+            sink.close()
+    if written:
+        with open(out_dir / "sizes.json", "w") as f:
+            json.dump(sizes, f, indent=1)
+    return {"shards": str(out_dir / f"{{000000..{len(sizes) - 1:06d}}}.tar"), "num_samples": written,
+            "num_shards": len(sizes), "dir": str(out_dir)}
+
+
+def _write_shards(records, out_dir, samples_per_shard, workers, desc):
+    """records: list of (image path, {field: text}), images read and re-encoded; unreadable ones skipped
+    (warned, listed in skipped.txt). Writes shards + sizes.json; returns write_samples' summary + "skipped"."""
+    skipped = []
+
+    def encoded(pool):
         for (path, fields), (enc, error) in tqdm(zip(records, _bounded_map(pool, _read_encoded, records)),
                                                  total=len(records), desc=desc):
             if enc is None:
                 skipped.append((str(path), error))
-                continue
-            if written % samples_per_shard == 0:
-                if sink is not None:
-                    sink.close()
-                name = f"{written // samples_per_shard:06d}.tar"
-                sink, sizes[name] = wds.TarWriter(str(out_dir / name)), 0
-            ext, data = enc
-            sink.write({"__key__": f"{written:09d}", ext: data, **fields})
-            sizes[name] += 1
-            written += 1
-    if sink is not None:
-        sink.close()
+            else:
+                yield {enc[0]: enc[1], **fields}
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes outside the GIL
+        summary = write_samples(out_dir, encoded(pool), samples_per_shard)
     warn_skipped(skipped, len(records))
     if skipped:
-        (out_dir / "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped), encoding="utf-8")
-    if not written:
+        Path(out_dir, "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped), encoding="utf-8")
+    if not summary["num_samples"]:
         raise ValueError(f"no readable image among {len(records)} listed; nothing written to {out_dir}")
-    with open(out_dir / "sizes.json", "w") as f:
-        json.dump(sizes, f, indent=1)
-    return {"shards": str(out_dir / f"{{000000..{len(sizes) - 1:06d}}}.tar"), "num_samples": written,
-            "num_shards": len(sizes), "skipped": [p for p, _ in skipped], "dir": str(out_dir)}
+    return {**summary, "skipped": [p for p, _ in skipped]}
 
 
 def _bounded_map(pool, fn, records, chunk=256):

@@ -21,8 +21,9 @@ import time
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
+
+from openclip_robust.data.shards import write_samples
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -43,23 +44,6 @@ def png_bytes(array):
     buf = io.BytesIO()
     Image.fromarray(array).convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_shards(directory, samples, per_shard):
-    """samples: dicts with 'png' bytes and 'txt' (and optional 'cls'). Returns the brace spec."""
-    os.makedirs(directory, exist_ok=True)
-    n_shards = (len(samples) + per_shard - 1) // per_shard
-    sizes = {}
-    for s in range(n_shards):
-        name = f"{s:06d}.tar"
-        chunk = samples[s * per_shard:(s + 1) * per_shard]
-        with wds.TarWriter(os.path.join(directory, name)) as sink:
-            for i, sample in enumerate(chunk):
-                sink.write({"__key__": f"{s:06d}{i:04d}", **sample})
-        sizes[name] = len(chunk)
-    with open(os.path.join(directory, "sizes.json"), "w") as f:
-        json.dump(sizes, f)
-    return os.path.join(directory, f"{{000000..{n_shards - 1:06d}}}.tar")
 
 
 def digits_samples(n, seed=0):
@@ -138,8 +122,8 @@ def tiny_model(directory, seed=0):
 
 def build(out_dir, n_target=256, n_reference=192):
     return {"model": tiny_model(os.path.join(out_dir, "model")),
-            "target": write_shards(os.path.join(out_dir, "target"), digits_samples(n_target), per_shard=64),
-            "reference": write_shards(os.path.join(out_dir, "reference"), photo_samples(n_reference), per_shard=48)}
+            "target": write_samples(os.path.join(out_dir, "target"), digits_samples(n_target), 64)["shards"],
+            "reference": write_samples(os.path.join(out_dir, "reference"), photo_samples(n_reference), 48)["shards"]}
 
 
 def main(argv=None):

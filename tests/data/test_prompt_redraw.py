@@ -5,7 +5,8 @@ import open_clip
 import torch
 from open_clip_train.data import get_data
 
-from openclip_robust.demo.samples import digits_samples, write_shards
+from openclip_robust.data.shards import write_samples
+from openclip_robust.demo.samples import digits_samples
 from openclip_robust.plugin import redraw_prompts
 
 TEMPLATES = ["a photo of the digit {c}.", "a sketch of {c}.", "{c}, handwritten.", "the number {c}."]
@@ -21,7 +22,7 @@ def loader_args(shards, n):
 def threes(tmp_path, with_metadata):
     """Shards whose every image is a 'three' stored with template 0; optionally the metadata files beside them."""
     samples = [dict(s, txt=TEMPLATES[0].format(c="three"), cls="3") for s in digits_samples(24)]
-    shards = write_shards(str(tmp_path), samples, per_shard=12)
+    shards = write_samples(str(tmp_path), samples, 12)["shards"]
     if with_metadata:
         (tmp_path / "classnames.txt").write_text("\n".join(["zero", "one", "two", "three"]) + "\n")
         (tmp_path / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")

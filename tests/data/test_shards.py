@@ -254,3 +254,18 @@ def test_from_shards_needs_the_metadata_files(tmp_path):
     (tmp_path / "out" / "templates.txt").unlink()
     with pytest.raises(FileNotFoundError, match="templates.txt"):  # the plugin then keeps captions as stored
         PromptRedrawTokenizer.from_shards(as_text, out["shards"])
+
+
+def test_write_samples_rolls_shards_keys_in_order_and_writes_sizes(tmp_path):
+    samples = ({"txt": f"caption {i}", "cls": str(i % 2)} for i in range(5))  # a generator is enough
+    summary = shards.write_samples(tmp_path / "out", samples, 2)
+    assert summary == {"shards": str(tmp_path / "out" / "{000000..000002}.tar"), "num_samples": 5, "num_shards": 3,
+                       "dir": str(tmp_path / "out")}
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"000000.tar": 2, "000001.tar": 2,
+                                                                         "000002.tar": 1}
+    got = list(wds.WebDataset(summary["shards"], shardshuffle=False).decode().to_tuple("__key__", "txt"))
+    assert got == [(f"{i:09d}", f"caption {i}") for i in range(5)]
+    empty = shards.write_samples(tmp_path / "empty", [], 2)
+    assert empty["num_samples"] == 0 and not (tmp_path / "empty" / "sizes.json").exists()
+    with pytest.raises(ValueError, match="samples_per_shard must be >= 1"):
+        shards.write_samples(tmp_path / "zero", [{"txt": "x"}], 0)

@@ -14,7 +14,8 @@ import torch
 from open_clip_train.params import parse_args
 from open_clip_train.plugins import PluginManager
 
-from openclip_robust.demo.samples import digits_samples, write_shards
+from openclip_robust.data.shards import write_samples
+from openclip_robust.demo.samples import digits_samples
 from openclip_robust.teachers.frozen import frozen_copy
 from openclip_robust.losses.kernel import Kernel, KernelAlignmentLoss, poly_kernel
 from openclip_robust.plugin import RobustPlugin
@@ -36,7 +37,7 @@ def teacher_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_only_shards(tmp_path_factory):
     samples = [{"png": s["png"]} for s in digits_samples(64)]  # no caption, no class: ImageNet-train style
-    return write_shards(str(tmp_path_factory.mktemp("images")), samples, per_shard=32)
+    return write_samples(str(tmp_path_factory.mktemp("images")), samples, 32)["shards"]
 
 
 def kernel_args(teacher, *extra):

@@ -10,7 +10,8 @@ import torch
 from open_clip_train.params import parse_args
 from open_clip_train.plugins import PluginManager
 
-from openclip_robust.demo.samples import photo_samples, tiny_model, write_shards
+from openclip_robust.data.shards import write_samples
+from openclip_robust.demo.samples import photo_samples, tiny_model
 from openclip_robust.plugin import RobustPlugin
 from openclip_robust.teachers.cache import (
     TeacherCache, assert_deterministic, build_cache, check_provenance, preprocess_fingerprint)
@@ -122,8 +123,8 @@ def test_missing_cache_dir_is_refused_before_training(capsys, tmp_path, ref_shar
 
 
 def test_duplicate_keys_are_refused(tmp_path, tiny_model_dir):
-    a = write_shards(str(tmp_path / "a"), photo_samples(4), per_shard=4)
-    b = write_shards(str(tmp_path / "b"), photo_samples(4), per_shard=4)  # same keys 0000000000..
+    a = write_samples(str(tmp_path / "a"), photo_samples(4), 4)["shards"]
+    b = write_samples(str(tmp_path / "b"), photo_samples(4), 4)["shards"]  # same keys 000000000..
     with pytest.raises(ValueError, match="occurs more than once"):
         build_cache(f"local-dir:{tiny_model_dir}", f"{a}::{b}", str(tmp_path / "cache"), workers=0)
 
