@@ -59,20 +59,26 @@ def digits_samples(n, seed=0):
     return out
 
 
-def photo_samples(n):
-    """scikit-image's bundled photographs (those it would download are skipped), shifted variants."""
-    from skimage import data
-    photos = []
-    for name, caption in PHOTOS.items():
+def bundled_photos(size=48):
+    """{name: (size, size, 3) uint8 RGB} of the PHOTOS scikit-image bundles (those it would download are skipped)."""
+    from skimage import data  # here: scikit-image is the optional [demo] extra, needed only for the photos
+    photos = {}
+    for name in PHOTOS:
         try:
             img = np.asarray(getattr(data, name)())
         except Exception:
             continue
         if img.dtype != np.uint8:
             img = (255 * (img.astype(float) / max(img.max(), 1))).astype(np.uint8)
-        photos.append((np.array(Image.fromarray(img).convert("RGB").resize((48, 48))), caption))
+        photos[name] = np.array(Image.fromarray(img).convert("RGB").resize((size, size)))
     if len(photos) < 4:
         raise RuntimeError("scikit-image's bundled photographs are missing: pip install scikit-image")
+    return photos
+
+
+def photo_samples(n):
+    """n captioned samples of the bundled photographs, cycled, each round shifted 3 more pixels."""
+    photos = [(img, PHOTOS[name]) for name, img in bundled_photos().items()]
     out = []
     for i in range(n):
         img, caption = photos[i % len(photos)]

@@ -28,23 +28,12 @@ PHOTO_CLASSES = {"astronaut": "astronaut", "camera": "cameraman", "coffee": "cup
 
 
 def photo_folder(root, per_class=6, size=48):
-    """root/<class>/k.png: each bundled scikit-image photo, shifted k·3 pixels (photos it would download are skipped)."""
-    from skimage import data
-    written = 0
-    for key, name in PHOTO_CLASSES.items():
-        try:
-            img = np.asarray(getattr(data, key)())
-        except Exception:
-            continue
-        if img.dtype != np.uint8:
-            img = (255 * (img.astype(float) / max(img.max(), 1))).astype(np.uint8)
-        img = np.array(Image.fromarray(img).convert("RGB").resize((size, size)))
-        (Path(root) / name.replace(" ", "_")).mkdir(parents=True, exist_ok=True)
+    """root/<class>/k.png: each bundled scikit-image photo (demo.bundled_photos), shifted k·3 pixels."""
+    for key, img in demo.bundled_photos(size).items():
+        folder = Path(root) / PHOTO_CLASSES[key].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
         for k in range(per_class):
-            Image.fromarray(np.roll(img, 3 * k, axis=1)).save(Path(root) / name.replace(" ", "_") / f"{k}.png")
-            written += 1
-    if not written:
-        raise RuntimeError("scikit-image's bundled photographs are missing: pip install scikit-image")
+            Image.fromarray(np.roll(img, 3 * k, axis=1)).save(folder / f"{k}.png")
     return root
 
 
