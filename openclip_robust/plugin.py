@@ -11,7 +11,7 @@ from open_clip_train.distributed import is_master
 
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
 from openclip_robust.data.reference import ReferenceStream, readable_shards
-from openclip_robust.losses import get_loss_class, loss_names
+from openclip_robust.losses import get_loss_class, loss_names, precise
 from openclip_robust.data.shards import PromptRedrawTokenizer
 from openclip_robust.teachers import cache as teacher_cache
 
@@ -78,6 +78,7 @@ class RobustPlugin:
                            help="auto: when classnames.txt and templates.txt lie beside --train-data (as "
                                 "`openclip-robust target-shards` writes them), each caption gets a freshly "
                                 "drawn template every time it is read (FLYP); off: captions as stored.")
+        precise.add_args(group)
         for name in loss_names():
             get_loss_class(name).add_args(group)
         self._defaults = {a.dest: a.default for a in parser._actions if a.dest not in before}

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from open_clip import create_loss
 
+from openclip_robust.losses import precise
+
 
 class RobustLoss(nn.Module):
     name = None              # set by @register_loss
@@ -28,6 +30,7 @@ class RobustLoss(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.contrastive = create_loss(args)  # ClipLoss / SigLipLoss, with upstream's gathering
+        self.precise = precise.wants_fp32(args)  # --diff-precision: fp32 forwards for differenced outputs
 
     def setup(self, args, model):
         """The freshly loaded model, before locking, DDP and resume: freeze towers, build teachers."""
@@ -69,6 +72,6 @@ def sq_dist(a, b):
     return (fp32(a) - fp32(b)).pow(2).sum(-1)
 
 
-def frozen_features(frozen, images=None, texts=None):
+def frozen_features(frozen, images=None, texts=None, fp32_forward=False):
     with torch.no_grad():
-        return frozen(images, texts)
+        return precise.forward(fp32_forward, frozen, images, texts)

@@ -10,6 +10,7 @@ f_ft(x).f_pre(x) and g_ft(t).g_pre(t) instead of u and v.
 import torch
 
 from openclip_robust.distributed import all_reduce_mean
+from openclip_robust.losses import precise
 from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
 from openclip_robust.losses.registry import register_loss
 from openclip_robust.teachers.cache import frozen_reference_features
@@ -66,8 +67,8 @@ class DiVELoss(RobustLoss):
 
     def step_inputs(self, model, frozen, images, texts, reference=None):
         ref_images, ref_texts = reference
-        out = model(ref_images, ref_texts)
-        pre = frozen_reference_features(frozen, reference)
+        out = precise.forward(self.precise, model, ref_images, ref_texts)
+        pre = frozen_reference_features(frozen, reference, fp32_forward=self.precise)
         return {"ref_image_features": out["image_features"], "ref_text_features": out["text_features"],
                 "ref_pre_image_features": pre["image_features"], "ref_pre_text_features": pre["text_features"]}
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from openclip_robust.teachers import cache as teacher_cache
 from openclip_robust.data.image_only import get_image_only_wds, is_webdataset
+from openclip_robust.losses import precise
 from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
 from openclip_robust.losses.registry import register_loss
 from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags
@@ -123,6 +124,10 @@ class KernelAlignmentLoss(RobustLoss):
 
     @classmethod
     def validate_args(cls, args):
+        if precise.wants_fp32(args) and str(getattr(args, "precision", "")).startswith("pure"):
+            raise ValueError(f"--robust-loss kernel --precision {args.precision}: the student's image tower holds "
+                             f"half-precision weights, so L_reg's f_ft - f_pre cannot be computed in fp32 "
+                             f"(--diff-precision fp32); use --precision amp_bf16, or --diff-precision autocast")
         check_teacher_flags(args.kernel_teacher, args.kernel_teacher_pretrained, args.kernel_teacher_image_size)
         if args.kernel_type == "poly" and args.kernel_degree < 1:
             raise ValueError(f"--kernel-degree {args.kernel_degree}: must be >= 1")
@@ -176,6 +181,8 @@ class KernelAlignmentLoss(RobustLoss):
         self.teacher_kernel = Kernel(args.kernel_type, args.kernel_degree, gamma=1.0 / d, coef=1.0,
                                      sigma=args.kernel_teacher_sigma).to(args.device)
         self.student_kernel.to(args.device)
+        if self.precise:  # L_reg differences f_ft with the frozen f_pre: the tower runs in fp32
+            precise.fp32_module(model.visual)
         model.visual.register_forward_hook(self._keep_output)
 
     def param_groups(self):
@@ -212,7 +219,7 @@ class KernelAlignmentLoss(RobustLoss):
     def step_inputs(self, model, frozen, images, texts, reference=None):
         student, self._student_out = self._student_out, None
         with torch.no_grad():
-            pre = frozen.encode_image(images, normalize=False)
+            pre = precise.forward(self.precise, frozen.encode_image, images, normalize=False)
         return {"kernel_student": student, "kernel_pre": pre, "kernel_teacher": self.teacher_features(images)}
 
     def forward(self, image_features, text_features, logit_scale, kernel_student, kernel_pre, kernel_teacher,

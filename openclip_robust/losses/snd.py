@@ -1,5 +1,6 @@
 """SnD as DiVE adapts it (Appendix B, Eq. 12-13): distil reference image embeddings from the
 frozen model. The original SnD code (dual teachers, frozen text tower) differs; see README."""
+from openclip_robust.losses import precise
 from openclip_robust.losses.base import RobustLoss, sq_dist
 from openclip_robust.losses.registry import register_loss
 from openclip_robust.teachers.cache import frozen_reference_features
@@ -22,8 +23,9 @@ class SnDLoss(RobustLoss):
 
     def step_inputs(self, model, frozen, images, texts, reference=None):
         ref_images, ref_texts = reference
-        return {"ref_image_features": model(ref_images, None)["image_features"],
-                "ref_pre_image_features": frozen_reference_features(frozen, reference, texts=False)["image_features"]}
+        pre = frozen_reference_features(frozen, reference, texts=False, fp32_forward=self.precise)
+        return {"ref_image_features": precise.forward(self.precise, model, ref_images, None)["image_features"],
+                "ref_pre_image_features": pre["image_features"]}
 
     def regularizer(self, logit_scale, ref_image_features, ref_pre_image_features, **_):
         return {"snd_loss": self.lam * sq_dist(ref_image_features, ref_pre_image_features).mean()}, {}
