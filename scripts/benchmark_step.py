@@ -84,6 +84,7 @@ def write_model(name, directory):
 
 
 def write_data(directory, n_target, n_reference):
+    from openclip_robust.data.shards import write_samples
     from openclip_robust.demo.samples import digits_samples, photo_samples
     digits = digits_samples(min(n_target, 1797))
     target = [digits[i % len(digits)] for i in range(n_target)]
