@@ -35,7 +35,8 @@ def open_teacher_cache(args, preprocess, tokenizer, weights_hash, ref_urls):
     teacher_cache.assert_deterministic(preprocess)
     cache = teacher_cache.TeacherCache(args.ref_teacher_cache)
     current = teacher_cache.provenance(
-        args.model, None, preprocess, tokenizer, args.precision, args.force_quick_gelu, args.force_image_size,
+        args.model, None, preprocess, tokenizer, precise.frozen_precision(args.precision, args.diff_precision),
+        args.force_quick_gelu, args.force_image_size,
         args.force_context_length, weights_hash=weights_hash)
     cache.check(current, ref_urls)
     logging.info(f"openclip-robust: frozen reference embeddings from {args.ref_teacher_cache} ({len(cache)} samples)")

@@ -28,6 +28,11 @@ def wants_fp32(args):
     return getattr(args, "diff_precision", "fp32") == "fp32"
 
 
+def frozen_precision(precision, diff_precision):
+    """The precision the frozen model's differenced outputs are computed in (recorded by teacher caches)."""
+    return "fp32" if diff_precision == "fp32" else precision
+
+
 @contextlib.contextmanager
 def no_tf32():
     """TF32 matmuls carry fp16's 10-bit mantissa; upstream turns them on for CUDA. Forward only:

@@ -50,16 +50,17 @@ KINDS = {
     "reference": {
         "flag": "--ref-teacher-cache", "data_flag": "--ref-data", "features": ("image_features", "text_features"),
         "checked": {"model_cfg": "--model, --force-*", "weights_sha256": "--model, --pretrained",
-                    "preprocess": "--model, --pretrained, --image-*", "tokenizer": "--model, --force-context-length"},
-        "warned": ("model_name", "precision"),
+                    "preprocess": "--model, --pretrained, --image-*", "tokenizer": "--model, --force-context-length",
+                    "precision": "--precision, --diff-precision"},
+        "warned": ("model_name",),
         "what": "the frozen CLIP model's embeddings of reference pairs",
         "build": "`openclip-robust cache-teacher --ref-data ...` and this run's model, weights and data flags"},
     "kernel-teacher": {
         "flag": "--kernel-teacher-cache", "data_flag": "--train-data", "features": ("teacher_features",),
         "checked": {"teacher": "--kernel-teacher", "teacher_weights_sha256": "--kernel-teacher-pretrained",
                     "teacher_image_size": "--kernel-teacher-image-size",
-                    "preprocess": "--model, --pretrained, --force-image-size, --image-*"},
-        "warned": ("model_name", "precision", "timm"),
+                    "preprocess": "--model, --pretrained, --force-image-size, --image-*", "precision": "--precision"},
+        "warned": ("model_name", "timm"),
         "what": "the kernel method's teacher features of target images",
         "build": "`openclip-robust cache-teacher --train-data ... --kernel-teacher ... --kernel-teacher-pretrained "
                  "...` and this run's teacher, model and data flags"},
@@ -343,9 +344,11 @@ def _finish(out_dir, kind, record, urls, data_spec, keys, feats, rank, world, st
 
 def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32", batch_size=256, workers=4,
                 device=None, seed=0, force_quick_gelu=False, force_image_size=None, force_context_length=None,
-                image_mean=None, image_std=None, image_interpolation=None, image_resize_mode=None):
-    """Reference kind: embed every reference sample with the model as upstream loads it; returns the
-    manifest (rank 0)."""
+                image_mean=None, image_std=None, image_interpolation=None, image_resize_mode=None,
+                diff_precision="fp32"):
+    """Reference kind: embed every reference sample with the model as upstream loads it, by the frozen
+    forward training runs (fp32 under --diff-precision fp32); returns the manifest (rank 0)."""
+    from openclip_robust.losses import precise
     import open_clip
     from open_clip_train.main import random_seed
     from open_clip_train.precision import get_autocast
@@ -361,8 +364,8 @@ def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32"
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name, context_length=force_context_length)
     assert_deterministic(preprocess)
-    record = provenance(model_name, model, preprocess, tokenizer, precision, force_quick_gelu, force_image_size,
-                        force_context_length)
+    record = provenance(model_name, model, preprocess, tokenizer, precise.frozen_precision(precision, diff_precision),
+                        force_quick_gelu, force_image_size, force_context_length)
 
     urls = readable_shards(ref_data)
     mine = urls[rank::world]
@@ -371,7 +374,8 @@ def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32"
 
     def forward(images, texts):
         with torch.no_grad(), autocast():
-            return model(images.to(device=device, dtype=input_dtype), texts.to(device))
+            return precise.forward(diff_precision == "fp32", model, images.to(device=device, dtype=input_dtype),
+                                   texts.to(device))
 
     start = time.time()
     keys, feats = _embed(mine, preprocess, tokenizer, batch_size, workers, forward, KINDS["reference"]["features"])
@@ -447,6 +451,8 @@ def add_cli_args(p):
     p.add_argument("--out", required=True,
                    help="new cache folder (give it to training as --ref-teacher-cache or --kernel-teacher-cache)")
     p.add_argument("--precision", default="fp32", help="upstream's --precision for the teacher's forward")
+    p.add_argument("--diff-precision", choices=("fp32", "autocast"), default="fp32",
+                   help="as in training (reference caches): the frozen forward in fp32, or under --precision's autocast")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -473,7 +479,8 @@ def run_cli(a):
                              f"not for --ref-data")
         manifest = build_cache(a.model, a.ref_data, a.out, a.pretrained, a.precision, a.batch_size, a.workers,
                                a.device, a.seed, a.force_quick_gelu, a.force_image_size, a.force_context_length,
-                               a.image_mean, a.image_std, a.image_interpolation, a.image_resize_mode)
+                               a.image_mean, a.image_std, a.image_interpolation, a.image_resize_mode,
+                               a.diff_precision)
     else:
         if not a.kernel_teacher or not a.kernel_teacher_pretrained:
             raise ValueError("--train-data caches the kernel teacher's features: give --kernel-teacher and "

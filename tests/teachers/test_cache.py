@@ -91,6 +91,22 @@ def test_cache_with_other_preprocessing_is_refused(tmp_path, tiny_model_dir, tar
                             *ref_args("dive", ref_shards, "--ref-teacher-cache", cache_dir)))
 
 
+def test_cache_of_another_frozen_forward_precision_is_refused(tmp_path, tiny_model_dir, target_shards, ref_shards,
+                                                              cache_dir):
+    """The cache's frozen forward ran in fp32; this run's would run under bf16 autocast: refused, not warned."""
+    argv = [a if a != "fp32" else "amp_bf16" for a in ref_args("dive", ref_shards, "--ref-teacher-cache", cache_dir)]
+    with pytest.raises(ValueError, match=r"its precision differs from this run's \(set by --precision, "
+                                         r"--diff-precision\)(.|\n)*cache: fp32(.|\n)*run:   amp_bf16"):
+        run_main(train_args(tmp_path, "stale", tiny_model_dir, target_shards, *argv, "--diff-precision", "autocast"))
+    assert TeacherCache(cache_dir).manifest["provenance"]["precision"] == "fp32"
+
+
+def test_kernel_teacher_cache_of_another_precision_is_refused():
+    recorded = {"teacher": "t", "teacher_weights_sha256": "a", "teacher_image_size": [48, 48], "precision": "fp32"}
+    with pytest.raises(ValueError, match=r"its precision differs from this run's \(set by --precision\)"):
+        check_provenance(recorded, {**recorded, "precision": "amp_bf16"}, "DIR", "kernel-teacher")
+
+
 def test_check_provenance_names_both_values():
     recorded = {"model_cfg": 1, "weights_sha256": "a", "preprocess": "P", "tokenizer": "SimpleTokenizer(16)"}
     check_provenance(recorded, dict(recorded), "DIR")  # equal: no error
