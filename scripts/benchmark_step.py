@@ -361,7 +361,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="steps dropped before measuring")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all variants (interleaved)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help="comma list (kernel, kernel-cached: skipped unless registered)")
+                    help="comma list (kernel, kernel-cached: skipped unless registered and --kernel-args is given)")
     ap.add_argument("--kernel-args", default="", help="extra flags for the kernel variant (e.g. its teacher)")
     ap.add_argument("--precision", default=None, help="default: amp on a GPU, fp32 on CPU")
     ap.add_argument("--workers", type=int, default=1)
@@ -388,9 +388,11 @@ def main(argv=None):
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if "kernel" not in loss_names():
+    if "kernel" not in loss_names() or not a.kernel_args.strip():
+        why = ("--robust-loss kernel is not registered here" if "kernel" not in loss_names()
+               else "no teacher in --kernel-args")
         for v in [v for v in variants if v.startswith("kernel")]:
-            print(f"benchmark: --robust-loss kernel is not registered here: {v} skipped", flush=True)
+            print(f"benchmark: {why}: {v} skipped", flush=True)
             variants.remove(v)
     if "flyp" not in variants:
         variants.insert(0, "flyp")  # every ratio is to FLYP

@@ -14,21 +14,33 @@ from benchmark_step import STEP_LINE, flop_bound, kernel_teacher_flags, parse_st
 pytestmark = pytest.mark.slow
 
 
-def test_benchmark_runs_two_steps(tmp_path):
+def documented_command():
+    """The command in benchmark_step.py's docstring (and docs/performance*.md), as an argv list."""
+    import benchmark_step
+    line = next(ln.strip() for ln in benchmark_step.__doc__.splitlines() if ln.strip().startswith("python scripts/"))
+    return line.split()
+
+
+def test_benchmark_documented_command_runs_at_two_steps(tmp_path):
+    argv = documented_command()
+    assert argv[:2] == ["python", "scripts/benchmark_step.py"]
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), "--model", "tiny", "--batch-size", "8",
-           "--steps", "2", "--warmup", "0", "--ref-ratios", "1,0.25", "--variants", "upstream,flyp,dive,dive-cached",
-           "--concat-steps", "1", "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    args = argv[2:]
+    for flag, value in (("--steps", "2"), ("--warmup", "0"), ("--out", str(out))):
+        args[args.index(flag) + 1] = value  # exactly as documented, at 2 steps
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), *args],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "no teacher in --kernel-args: kernel skipped" in res.stdout  # the default variants include it
+    assert "| goal | measured | holds |" in res.stdout
     result = json.loads((out / "benchmark.json").read_text())
     rows = {(r["variant"], r["ref_batch_size"]): r for r in result["rows"]}
-    assert set(rows) == {("upstream", None), ("flyp", None), ("dive", 8), ("dive", 2), ("dive-cached", 8),
-                         ("dive-cached", 2)}
+    assert set(rows) == {("upstream", None), ("flyp", None)} | {
+        (v, b) for v in ("dive", "dive-cached", "replay", "snd", "snd-cached") for b in (32, 8)}
     assert rows[("flyp", None)]["time_vs_flyp"] == 1.0 and rows[("flyp", None)]["memory_vs_flyp"] == 1.0
-    assert rows[("dive", 8)]["flop_bound"] == pytest.approx(7 / 3)
-    assert rows[("dive-cached", 8)]["flop_bound"] == pytest.approx(2.0)
-    assert rows[("dive", 2)]["flop_bound"] == pytest.approx(1 + 4 * 0.25 / 3)
+    assert rows[("dive", 32)]["flop_bound"] == pytest.approx(7 / 3)
+    assert rows[("dive-cached", 32)]["flop_bound"] == pytest.approx(2.0)
+    assert rows[("dive", 8)]["flop_bound"] == pytest.approx(1 + 4 * 0.25 / 3)
     for r in result["rows"]:
         assert r["measured_steps"] == 2 and r["step_s"] > 0 and r["peak_mib"] >= 0
     # the reference wait is read from the plugin's log line: present for dive, absent for flyp
@@ -38,7 +50,7 @@ def test_benchmark_runs_two_steps(tmp_path):
     assert (out / "teacher_cache" / "manifest.json").exists()
     assert set(result["concat"]) == {"1.0", "0.25"}
     table = (out / "benchmark.md").read_text()
-    assert "| dive-cached | 8 |" in table and "DiVE / FLYP time at B' = B, cached <= 2.05" in table
+    assert "| dive-cached | 32 |" in table and "DiVE / FLYP time at B' = B, cached <= 2.05" in table
 
 
 def test_step_log_parsing_pairs_reference_wait_with_its_step():
