@@ -5,6 +5,8 @@ The hook spec lives upstream, in the patched ``open_clip_train/plugins.py``.
 """
 import logging
 
+import torch
+
 from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master
@@ -154,16 +156,19 @@ class RobustPlugin:
         if self.reference is not None:
             self.reference.set_epoch(epoch)
 
-    def step_inputs(self, args, model, images, texts):
+    def step_inputs(self, args, model, batch):
         if self.loss is None:
             return {}
+        device, dtype = torch.device(args.device), get_input_dtype(args.precision)
+        images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
+        texts = batch[1].to(device=device, non_blocking=True)
         reference = None
         if self.reference is not None:
-            reference = self.reference.next_batch(images.device, get_input_dtype(args.precision))
-            self.log_reference_wait(args)
+            reference = self.reference.next_batch(device, dtype)
+            self._log_reference_wait(args)
         return self.loss.step_inputs(model, self.frozen, images, texts, reference)
 
-    def log_reference_wait(self, args):
+    def _log_reference_wait(self, args):
         """Like upstream's "Data (t)" for the target batch: mean reference wait per log window."""
         self._ref_wait[0] += self.reference.last_wait_s
         self._ref_wait[1] += 1

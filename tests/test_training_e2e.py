@@ -67,7 +67,8 @@ def test_every_robust_loss_trains(tmp_path, tiny_model_dir, target_shards, ref_s
         assert all(math.isfinite(v) for v in values)
     if method == "dive":
         avl, pvl = logged(tmp_path, method, "Dive_avl"), logged(tmp_path, method, "Dive_pvl")
-        assert avl[0] == 0 and pvl[0] == 0  # step 1: fine-tuned == pre-trained, so u = v = 0
+        # step 1: fine-tuned == pre-trained, so u = v = 0 up to the rounding of the two forwards' kernels
+        assert avl[0] < 1e-10 and pvl[0] < 1e-10
         assert all(a > 0 for a in avl[1:]) and all(p > 0 for p in pvl[1:])
         state = load_ckpt(tmp_path, method, 2)["plugins"]["robust"]["loss"]["_extra_state"]
         assert state["steps"] == 4 and state["m"].shape == (32,) and state["m"].norm() > 0
