@@ -55,6 +55,7 @@ class RobustPlugin:
         self.teacher_cache = None   # --ref-teacher-cache: TeacherCache
         self.weights_hash = None    # of the model as loaded, checked against the cache's record
         self._ref_wait = [0.0, 0]   # reference data wait (s) and batches since the last log line
+        self._accum_reference = []  # --accum-freq > 1: the reference micro-batches of this step, in order
         self._defaults = {}
 
     # -- arguments -------------------------------------------------------------------------------
@@ -94,9 +95,9 @@ class RobustPlugin:
                                  f"add --robust-loss {{{','.join(loss_names())}}} or drop them")
             return
         self.method = get_loss_class(args.robust_loss)
-        if args.accum_freq > 1:
-            raise ValueError(f"--robust-loss {args.robust_loss} does not support --accum-freq > 1 "
-                             f"(upstream's accumulation loop passes no extra loss inputs); use --accum-freq 1")
+        if args.accum_freq > 1 and not self.method.supports_accumulation:
+            raise ValueError(f"--robust-loss {args.robust_loss} does not support --accum-freq > 1 yet (its "
+                             f"per-class prompt weights are not per-sample); use --accum-freq 1")
         if args.ref_batch_size is None:
             args.ref_batch_size = args.batch_size
         if args.ref_batch_size < 1 or args.ref_workers < 0:
@@ -164,9 +165,24 @@ class RobustPlugin:
         texts = batch[1].to(device=device, non_blocking=True)
         reference = None
         if self.reference is not None:
-            reference = self.reference.next_batch(device, dtype)
-            self._log_reference_wait(args)
-        return self.loss.step_inputs(model, self.frozen, images, texts, reference)
+            reference = self._reference_for_this_call(args, device, dtype)
+        return self.loss.step_inputs(model, self.frozen, images, texts, reference, batch=batch)
+
+    def _reference_for_this_call(self, args, device, dtype):
+        # --accum-freq N: upstream calls step_inputs for each micro-batch twice, first without gradient
+        # (features cached), then with; both calls of a micro-batch must see the same reference batch.
+        if args.accum_freq > 1 and torch.is_grad_enabled():
+            return self._accum_reference.pop(0)
+        reference = self.reference.next_batch(device, dtype)
+        self._log_reference_wait(args)
+        if args.accum_freq > 1:
+            self._accum_reference.append(reference)
+        return reference
+
+    def on_optimizer_step(self, args, model, step):
+        if self.loss is not None:
+            self._accum_reference.clear()
+            self.loss.on_optimizer_step()
 
     def _log_reference_wait(self, args):
         """Like upstream's "Data (t)" for the target batch: mean reference wait per log window."""

@@ -83,11 +83,6 @@ def test_image_only_reference_shard_is_refused(capsys, tmp_path):
     assert "no readable shard" in cli_error(["--robust-loss", "snd", "--ref-data", str(shard)], capsys)
 
 
-def test_accum_freq_is_refused(capsys, ref_shards):
-    err = cli_error(["--robust-loss", "dive", "--ref-data", ref_shards, "--accum-freq", "2"], capsys)
-    assert "does not support --accum-freq > 1" in err
-
-
 def test_bad_dive_alpha(capsys, ref_shards):
     assert "--dive-alpha 1.0: must be in [0, 1)" in cli_error(
         ["--robust-loss", "dive", "--ref-data", ref_shards, "--dive-alpha", "1.0"], capsys)

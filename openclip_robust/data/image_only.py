@@ -5,12 +5,11 @@ pipeline (upstream's shard shuffling, resampling, node/worker split, shared epoc
 without that filter; each sample's "text" is the tokenized empty caption, so upstream's loop,
 which unpacks ``images, texts``, runs unchanged. For losses that never read the text side.
 
-With ``with_keys`` (the kernel method's ``--kernel-teacher-cache``) the workers also emit each
-sample's ``__key__``, and ``KeyedBatches`` hands the loop ``(images, texts)`` while queueing the
-batch's keys for the loss (see there).
+With ``with_keys`` (the kernel method's ``--kernel-teacher-cache``) each batch is
+``(images, texts, keys)``: upstream's loop reads the first two, and the plugin's step hook hands the
+whole batch, keys included, to the loss.
 """
 import math
-from collections import deque
 
 import webdataset as wds
 from open_clip_train.data import (
@@ -25,45 +24,6 @@ def is_webdataset(args):
     """Whether upstream would read --train-data as webdataset shards (its --dataset-type auto rule)."""
     return get_dataset_fn(args.train_data, args.dataset_type) is get_wds_dataset
 
-
-
-class KeyedBatches:
-    """The side channel that carries sample keys from the loader to the loss, past upstream's loop.
-
-    Upstream's loop unpacks every batch as ``images, texts`` and calls the plugin's ``step_inputs``
-    with just those, so keys cannot ride in the batch. The workers emit ``(images, texts, keys)``;
-    this wrapper (iterated in the main process) yields ``(images, texts)`` and appends ``keys`` to a
-    FIFO queue; the loss's ``step_inputs`` takes the oldest entry with ``pop_keys``. Exact as long as
-    every batch the loop draws reaches ``step_inputs`` once and in order, which upstream's loop does
-    (``--accum-freq`` > 1, the one path that batches several draws first, is refused by the plugin);
-    a batch-size mismatch or an empty queue is an error, never a silent misalignment. The text slot
-    stays the tokenized empty caption: no token ids are repurposed, whatever the tokenizer.
-    """
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.num_batches, self.num_samples = loader.num_batches, loader.num_samples
-        self.pending = deque()
-
-    def __len__(self):
-        return self.num_batches
-
-    def __iter__(self):
-        self.pending.clear()  # a new pass (epoch): nothing of the last one is owed
-        for images, texts, keys in self.loader:
-            self.pending.append(list(keys))
-            yield images, texts
-
-    def pop_keys(self, batch_size):
-        """The keys of the oldest batch handed out and not yet claimed."""
-        if not self.pending:
-            raise RuntimeError("image-only loader: a training batch reached the loss without its sample keys (every "
-                               "batch the loader yields must reach step_inputs once, in order)")
-        keys = self.pending.popleft()
-        if len(keys) != batch_size:
-            raise RuntimeError(f"image-only loader: the batch has {batch_size} images but its queued keys number "
-                               f"{len(keys)}; batches and keys are out of step")
-        return keys
 
 
 def get_image_only_wds(args, preprocess_img, epoch, tokenizer, with_keys=False):
@@ -111,4 +71,4 @@ def get_image_only_wds(args, preprocess_img, epoch, tokenizer, with_keys=False):
                            persistent_workers=args.workers > 0)
     loader.num_batches = worker_batches * num_workers
     loader.num_samples = loader.num_batches * global_batch
-    return DataInfo(dataloader=KeyedBatches(loader) if with_keys else loader, shared_epoch=shared_epoch)
+    return DataInfo(dataloader=loader, shared_epoch=shared_epoch)

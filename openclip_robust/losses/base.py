@@ -17,6 +17,7 @@ class RobustLoss(nn.Module):
     name = None              # set by @register_loss
     needs_reference = False  # draws a reference image-caption batch every step
     needs_frozen = False     # needs the frozen pre-trained model
+    supports_accumulation = True  # its step inputs are batch-first, so --accum-freq caches them like features
     frozen_on_reference_only = False  # the frozen model only embeds reference data: --ref-teacher-cache can replace it
 
     @classmethod
@@ -42,9 +43,20 @@ class RobustLoss(nn.Module):
     def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
         """Add or replace loaders in upstream's `data` dict."""
 
-    def step_inputs(self, model, frozen, images, texts, reference=None):
-        """Extra loss inputs for this step, inside autocast. `reference` is (images, texts) or None."""
+    def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
+        """Extra loss inputs for this step, inside autocast: batch-first tensors. `reference` is (images,
+        texts) or None; `batch` is the train loader's batch as yielded (extra fields after images, texts)."""
         return {}
+
+    def on_optimizer_step(self):
+        """After every optimizer step (commit state that must advance once per step, whatever --accum-freq)."""
+
+    def scale_grads_per_step(self, params, accum_freq):
+        """Parameters the loss reaches directly get a gradient from each of upstream's accum_freq micro-step
+        losses (each the full-batch loss): scale theirs by 1/accum_freq so the step's gradient is the full batch's."""
+        if accum_freq > 1:
+            for p in params:
+                p.register_hook(lambda g: g / accum_freq)
 
     def regularizer(self, logit_scale, **inputs):
         """Return (terms, log_only): dicts of scalar tensors."""

@@ -129,6 +129,7 @@ def default_classnames_file(train_data):
 # -- the losses --------------------------------------------------------------------------------------
 @register_loss("contcoop")
 class ContCoOpLoss(RobustLoss):
+    supports_accumulation = False  # its class weights are per class, not per sample: upstream cannot cache them
     attention = True
     kd = True
 
@@ -239,7 +240,7 @@ class ContCoOpLoss(RobustLoss):
             raise RuntimeError("a training caption is not one of the class prompts: the train loader is not ours")
         return match.float().argmax(1)
 
-    def step_inputs(self, model, frozen, images, texts, reference=None):
+    def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
         self._steps += 1
         m = unwrap(model)
         image_features = None

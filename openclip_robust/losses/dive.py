@@ -55,8 +55,9 @@ class DiVELoss(RobustLoss):
         self.alpha = args.dive_alpha
         self.terms = parse_terms(args.dive_terms)
         self.cosine = args.dive_distance == "cosine"
-        self.m = None  # set on the first step: shape (d,) or (1,) for the cosine variant
+        self.m = None  # committed once per optimizer step: shape (d,) or (1,) for the cosine variant
         self.steps = 0
+        self._m_step = None  # this step's m (Eq. 6); every micro-step of --accum-freq computes the same one
 
     # m and its step count travel in checkpoints through nn.Module's extra state.
     def get_extra_state(self):
@@ -65,7 +66,7 @@ class DiVELoss(RobustLoss):
     def set_extra_state(self, state):
         self.m, self.steps = state["m"], int(state["steps"])
 
-    def step_inputs(self, model, frozen, images, texts, reference=None):
+    def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
         ref_images, ref_texts = reference
         out = precise.forward(self.precise, model, ref_images, ref_texts)
         pre = frozen_reference_features(frozen, reference, fp32_forward=self.precise)
@@ -80,11 +81,16 @@ class DiVELoss(RobustLoss):
 
     @torch.no_grad()
     def update_average(self, u, v):
+        """Eq. 6 from the m of the previous optimizer step (m_p) and this step's global reference batch."""
         batch_mean = all_reduce_mean(((u + v) / 2).mean(0))
         prev = torch.zeros_like(batch_mean) if self.m is None else self.m.to(batch_mean)
-        self.m = self.alpha * prev + (1 - self.alpha) * batch_mean
-        self.steps += 1
-        return self.m
+        self._m_step = self.alpha * prev + (1 - self.alpha) * batch_mean
+        return self._m_step
+
+    def on_optimizer_step(self):
+        if self._m_step is not None:
+            self.m, self._m_step = self._m_step, None
+            self.steps += 1
 
     def regularizer(self, logit_scale, ref_image_features, ref_text_features,
                     ref_pre_image_features, ref_pre_text_features, **_):

@@ -157,7 +157,7 @@ class KernelAlignmentLoss(RobustLoss):
         self.student_kernel = Kernel(args.kernel_type, args.kernel_degree, args.kernel_gamma, args.kernel_coef,
                                      args.kernel_sigma, trainable=not args.kernel_fixed)
         self.teacher, self.teacher_kernel, self._student_out = None, None, None
-        self.cache, self._batches = None, None  # --kernel-teacher-cache: TeacherCache, KeyedBatches
+        self.cache = None  # --kernel-teacher-cache: TeacherCache, read by the sample keys in each batch
 
     # The student's unnormalised projected embedding is the image tower's output, which CLIP's
     # forward normalises before it reaches the loss: a forward hook keeps it, at no extra cost.
@@ -181,6 +181,7 @@ class KernelAlignmentLoss(RobustLoss):
         self.teacher_kernel = Kernel(args.kernel_type, args.kernel_degree, gamma=1.0 / d, coef=1.0,
                                      sigma=args.kernel_teacher_sigma).to(args.device)
         self.student_kernel.to(args.device)
+        self.scale_grads_per_step(self.student_kernel.parameters(), args.accum_freq)
         if self.precise:  # L_reg differences f_ft with the frozen f_pre: the tower runs in fp32
             precise.fp32_module(model.visual)
         model.visual.register_forward_hook(self._keep_output)
@@ -200,27 +201,28 @@ class KernelAlignmentLoss(RobustLoss):
         teacher_cache.assert_deterministic(preprocess, "the target preprocessing for --kernel-teacher-cache")
         self.cache.check(self.cache_provenance(args, preprocess), teacher_cache.target_shards(args.train_data))
         data["train"] = get_image_only_wds(args, preprocess, epoch, tokenizer, with_keys=True)
-        self._batches = data["train"].dataloader
         logging.info(f"openclip-robust: kernel teacher features from {args.kernel_teacher_cache} ({len(self.cache)} "
                      f"samples x {self.cache.dims()['teacher_features']}, {self.cache.nbytes() / 2 ** 20:.1f} MiB "
                      f"memory-mapped); no teacher is run, and the target images use the deterministic eval transform "
                      f"(no augmentation) so that they match the cache")
 
-    def teacher_features(self, images):
-        """The teacher's features of this batch: computed, or looked up by the keys the loader queued."""
+    def teacher_features(self, images, batch=None):
+        """The teacher's features of this batch: computed, or looked up by the sample keys it carries."""
         if self.cache is None:
             return self.teacher(images)
-        if self._batches is None:
-            raise RuntimeError("--kernel-teacher-cache: the cache is read through the image-only webdataset loader "
-                               "that add_data builds, and none was built")
-        keys = self._batches.pop_keys(images.shape[0])
+        if batch is None or len(batch) < 3:
+            raise RuntimeError("--kernel-teacher-cache: the cache is read by the sample keys that the image-only "
+                               "webdataset loader built by add_data puts in each batch, and this batch has none")
+        keys = list(batch[2])
+        if len(keys) != images.shape[0]:
+            raise RuntimeError(f"--kernel-teacher-cache: {len(keys)} keys for a batch of {images.shape[0]} images")
         return self.cache.lookup(keys, images.device)["teacher_features"]
 
-    def step_inputs(self, model, frozen, images, texts, reference=None):
+    def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
         student, self._student_out = self._student_out, None
         with torch.no_grad():
             pre = precise.forward(self.precise, frozen.encode_image, images, normalize=False)
-        return {"kernel_student": student, "kernel_pre": pre, "kernel_teacher": self.teacher_features(images)}
+        return {"kernel_student": student, "kernel_pre": pre, "kernel_teacher": self.teacher_features(images, batch)}
 
     def forward(self, image_features, text_features, logit_scale, kernel_student, kernel_pre, kernel_teacher,
                 output_dict=False, **_):

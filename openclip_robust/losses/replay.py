@@ -16,7 +16,7 @@ class ReplayLoss(RobustLoss):
         super().__init__(args)
         self.lam = args.replay_lambda
 
-    def step_inputs(self, model, frozen, images, texts, reference=None):
+    def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
         ref_images, ref_texts = reference
         out = model(ref_images, ref_texts)
         return {"ref_image_features": out["image_features"], "ref_text_features": out["text_features"]}

@@ -21,7 +21,7 @@ class SnDLoss(RobustLoss):
         super().__init__(args)
         self.lam = args.snd_lambda
 
-    def step_inputs(self, model, frozen, images, texts, reference=None):
+    def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
         ref_images, ref_texts = reference
         pre = frozen_reference_features(frozen, reference, texts=False, fp32_forward=self.precise)
         return {"ref_image_features": precise.forward(self.precise, model, ref_images, None)["image_features"],

@@ -22,6 +22,7 @@ def run(rank, world, steps):
     for f, fp, g, gp in global_batches(steps):
         part = slice(rank * len(f) // world, (rank + 1) * len(f) // world)
         loss.regularizer(torch.tensor(1.0), f[part], g[part], fp[part], gp[part])
+        loss.on_optimizer_step()
         ms.append(loss.m.clone())
     return torch.stack(ms)
 

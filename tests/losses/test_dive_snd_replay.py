@@ -64,6 +64,10 @@ def test_dive_matches_hand_computation_over_two_steps(feats):
         avl = sum(((u[j] - m) ** 2).sum() + ((v[j] - m) ** 2).sum() for j in range(5)) / 5  # Eq. 7
         pvl = sum(((u[j] - v[j]) ** 2).sum() for j in range(5)) / 5  # Eq. 8
         out = loss(**feats, output_dict=True)
+        again = loss(**feats, output_dict=True)  # a second micro-step of --accum-freq: the same m_p, the same m
+        torch.testing.assert_close(again["dive_avl"], out["dive_avl"])
+        assert loss.steps == step  # m advances once per optimizer step, not per loss call
+        loss.on_optimizer_step()
         torch.testing.assert_close(out["dive_avl"].double(), 10.0 * avl)
         torch.testing.assert_close(out["dive_pvl"].double(), 10.0 * pvl)
         torch.testing.assert_close(loss.m.double(), m)
@@ -84,6 +88,7 @@ def test_dive_ema_starts_at_zero_and_follows_alpha():
     for k in range(1, 4):
         loss(**kw, ref_image_features=ones, ref_pre_image_features=z, ref_text_features=ones,
              ref_pre_text_features=z)
+        loss.on_optimizer_step()
         torch.testing.assert_close(loss.m, torch.full((2,), 1 - 0.9 ** k))
 
 
@@ -106,6 +111,7 @@ def test_dive_gradient_flows_to_features_not_through_m(feats):
     m = ((u + v) / 2).mean(0)
     torch.testing.assert_close(f.grad, 10.0 / 5 * (2 * (u - m) + 2 * (u - v)))
     torch.testing.assert_close(g.grad, 10.0 / 5 * (2 * (v - m) - 2 * (u - v)))
+    loss.on_optimizer_step()
     assert loss.m.requires_grad is False
 
 
@@ -135,6 +141,7 @@ def test_dive_cosine_variant_by_hand(feats):
     u = (feats["ref_image_features"] * feats["ref_pre_image_features"]).sum(-1)  # Eq. 10
     v = (feats["ref_text_features"] * feats["ref_pre_text_features"]).sum(-1)    # Eq. 11
     m = ((u + v) / 2).mean()
+    loss.on_optimizer_step()
     torch.testing.assert_close(loss.m.double(), m.reshape(1))
     torch.testing.assert_close(out["dive_avl"].double(), (((u - m) ** 2) + ((v - m) ** 2)).mean())
     torch.testing.assert_close(out["dive_pvl"].double(), ((u - v) ** 2).mean())
@@ -142,8 +149,9 @@ def test_dive_cosine_variant_by_hand(feats):
 
 def test_dive_state_round_trip(feats):
     a = DiVELoss(make_args())
-    a(**feats)
-    a(**feats)
+    for _ in range(2):
+        a(**feats)
+        a.on_optimizer_step()
     b = DiVELoss(make_args())
     b.load_state_dict(a.state_dict())
     assert b.steps == 2 and torch.equal(b.m, a.m)

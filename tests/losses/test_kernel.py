@@ -379,14 +379,17 @@ def test_cached_features_reach_step_inputs_batch_by_batch(kernel_cache, tiny_mod
     teacher = VisionTeacher("test_vit", teacher_file, cfg["mean"], cfg["std"], image_size=48)
     empty = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")("")[0]
     n = 0
-    for images, texts in loader:
-        got = loss.step_inputs(model, frozen, images, texts)["kernel_teacher"]
+    for batch in loader:
+        images, texts, keys = batch  # the keys ride in the batch, for the plugin's step hook to pass on
+        got = loss.step_inputs(model, frozen, images, texts, batch=batch)["kernel_teacher"]
         torch.testing.assert_close(got, teacher(images), rtol=1e-5, atol=1e-6)
         assert torch.equal(texts, empty.expand_as(texts))  # the text slot is untouched
         n += 1
-    assert n == 8 == len(loader)
-    with pytest.raises(RuntimeError, match="reached the loss without its sample keys"):
-        loss.step_inputs(model, frozen, images, texts)
+    assert n == 8 == loader.num_batches
+    with pytest.raises(RuntimeError, match="this batch has none"):
+        loss.step_inputs(model, frozen, images, texts, batch=(images, texts))
+    with pytest.raises(RuntimeError, match="3 keys for a batch of"):
+        loss.step_inputs(model, frozen, images, texts, batch=(images, texts, keys[:3]))
 
 
 @pytest.mark.slow
@@ -458,7 +461,8 @@ def test_sample_missing_from_the_kernel_cache_is_a_clear_error(tmp_path, kernel_
                 sink.write({"__key__": f"new{s}{i:03d}", "png": samples[8 * s + i]["png"]})
     model, frozen, loss, loader = loss_with_cache(tiny_model_dir, str(folder / "{000000..000001}.tar"),
                                                   teacher_file, kernel_cache)
-    images, texts = next(iter(loader))
+    batch = next(iter(loader))
+    images, texts = batch[0], batch[1]
     with pytest.raises(KeyError, match=rf"--kernel-teacher-cache {re.escape(kernel_cache)}: sample key 'new\d+' "
                                        rf"is not cached; rebuild the cache over the same --train-data"):
-        loss.step_inputs(model, frozen, images, texts)
+        loss.step_inputs(model, frozen, images, texts, batch=batch)
