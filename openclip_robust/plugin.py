@@ -12,13 +12,10 @@ from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master
 
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
-from openclip_robust.data.reference import ReferenceStream, readable_shards
+from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards
 from openclip_robust.losses import get_loss_class, loss_names, precise
 from openclip_robust.data.shards import PromptRedrawTokenizer
 from openclip_robust.teachers import cache as teacher_cache
-
-REFERENCE_KEY = "robust_reference"
-
 
 def redraw_prompts(args, data, preprocess_fns, epoch, tokenizer):
     """Rebuild upstream's train loader with a tokenizer that redraws each caption's template."""
@@ -54,8 +51,6 @@ class RobustPlugin:
         self.ref_urls = None
         self.teacher_cache = None   # --ref-teacher-cache: TeacherCache
         self.weights_hash = None    # of the model as loaded, checked against the cache's record
-        self._ref_wait = [0.0, 0]   # reference data wait (s) and batches since the last log line
-        self._accum_reference = []  # --accum-freq > 1: the reference micro-batches of this step, in order
         self._defaults = {}
 
     # -- arguments -------------------------------------------------------------------------------
@@ -95,9 +90,6 @@ class RobustPlugin:
                                  f"add --robust-loss {{{','.join(loss_names())}}} or drop them")
             return
         self.method = get_loss_class(args.robust_loss)
-        if args.accum_freq > 1 and not self.method.supports_accumulation:
-            raise ValueError(f"--robust-loss {args.robust_loss} does not support --accum-freq > 1 yet (its "
-                             f"per-class prompt weights are not per-sample); use --accum-freq 1")
         if args.ref_batch_size is None:
             args.ref_batch_size = args.batch_size
         if args.ref_batch_size < 1 or args.ref_workers < 0:
@@ -142,11 +134,13 @@ class RobustPlugin:
         if args.ref_teacher_cache and self.teacher_cache is None:
             self.teacher_cache = open_teacher_cache(args, preprocess_fns[1], tokenizer, self.weights_hash,
                                                     self.ref_urls)
-        if self.method.needs_reference:
+        self.loss.add_data(args, data, preprocess_fns, epoch, tokenizer)
+        if self.method.needs_reference:  # last: it wraps whichever train loader the steps above left
             self.reference = ReferenceStream(args, self.ref_urls, preprocess_fns[1], tokenizer,
                                              teacher_cache=self.teacher_cache)
-            data[REFERENCE_KEY] = self.reference
-        self.loss.add_data(args, data, preprocess_fns, epoch, tokenizer)
+            train = data["train"]
+            train.dataloader = WithReference(train.dataloader, self.reference,
+                                             args.log_every_n_steps if is_master(args) else 0)
 
     # -- training step ---------------------------------------------------------------------------
     def on_train_epoch_start(self, args, model, data, epoch):
@@ -156,43 +150,19 @@ class RobustPlugin:
             freeze_bn_stats(model)
         if self.reference is not None:
             self.reference.set_epoch(epoch)
+        self.loss.on_train_epoch_start(model)
 
-    def step_inputs(self, args, model, batch):
+    def step_inputs(self, args, model, batch, images, texts):
         if self.loss is None:
             return {}
-        device, dtype = torch.device(args.device), get_input_dtype(args.precision)
-        images = batch[0].to(device=device, dtype=dtype, non_blocking=True)
-        texts = batch[1].to(device=device, non_blocking=True)
         reference = None
-        if self.reference is not None:
-            reference = self._reference_for_this_call(args, device, dtype)
+        if self.reference is not None:  # WithReference appended it to the loader's batch
+            batch, reference = batch[:-1], batch[-1].to(torch.device(args.device), get_input_dtype(args.precision))
         return self.loss.step_inputs(model, self.frozen, images, texts, reference, batch=batch)
-
-    def _reference_for_this_call(self, args, device, dtype):
-        # --accum-freq N: upstream calls step_inputs for each micro-batch twice, first without gradient
-        # (features cached), then with; both calls of a micro-batch must see the same reference batch.
-        if args.accum_freq > 1 and torch.is_grad_enabled():
-            return self._accum_reference.pop(0)
-        reference = self.reference.next_batch(device, dtype)
-        self._log_reference_wait(args)
-        if args.accum_freq > 1:
-            self._accum_reference.append(reference)
-        return reference
 
     def on_optimizer_step(self, args, model, step):
         if self.loss is not None:
-            self._accum_reference.clear()
             self.loss.on_optimizer_step()
-
-    def _log_reference_wait(self, args):
-        """Like upstream's "Data (t)" for the target batch: mean reference wait per log window."""
-        self._ref_wait[0] += self.reference.last_wait_s
-        self._ref_wait[1] += 1
-        if self._ref_wait[1] >= args.log_every_n_steps:
-            if is_master(args):
-                logging.info(f"openclip-robust: Reference data (t): {self._ref_wait[0] / self._ref_wait[1]:.4f} "
-                             f"over {self._ref_wait[1]} steps")
-            self._ref_wait = [0.0, 0]
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self):

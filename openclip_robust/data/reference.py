@@ -11,7 +11,10 @@ import os
 import random
 import tarfile
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
+import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 from webdataset.filters import _shuffle
@@ -66,14 +69,44 @@ class SeededShuffle(wds.PipelineStage):
         return _shuffle(src, self.bufsize, self.initial, random.Random(self.seed_fn() + self.epoch.get_value()))
 
 
-class ReferenceBatch(tuple):
-    """``(images, texts)``, as the losses unpack it, plus the samples' keys and, when a teacher cache
-    is used, ``frozen``: the frozen model's embeddings of these samples (a dict like a model output)."""
+@dataclass
+class ReferenceBatch:
+    """B' reference pairs and their sample keys; ``frozen``: the frozen model's embeddings of these samples
+    (a dict like a model output) when a teacher cache is used, else None (the frozen model runs)."""
+    images: torch.Tensor
+    texts: torch.Tensor
+    keys: list = field(default_factory=list)
+    frozen: Optional[dict] = None
 
-    def __new__(cls, images, texts, keys=(), frozen=None):
-        batch = super().__new__(cls, (images, texts))
-        batch.keys, batch.frozen = list(keys), frozen
-        return batch
+    def to(self, device, dtype=None):
+        frozen = None if self.frozen is None else {k: v.to(device, non_blocking=True) for k, v in self.frozen.items()}
+        return ReferenceBatch(self.images.to(device=device, dtype=dtype, non_blocking=True),
+                              self.texts.to(device=device, non_blocking=True), self.keys, frozen)
+
+
+class WithReference:
+    """The train loader, each batch it yields extended by one reference batch as its last field.
+
+    The reference rides in the batch, so upstream's --accum-freq branch (which keeps each micro-batch
+    for its gradient pass) hands a hook the same reference batch in both passes of a micro-batch.
+    """
+
+    def __init__(self, loader, stream, log_every):
+        self.loader, self.stream, self.log_every = loader, stream, log_every
+        self.num_batches, self.num_samples = loader.num_batches, loader.num_samples
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        waited, n = 0.0, 0
+        for batch in self.loader:
+            reference = self.stream.next_batch()
+            yield (*batch, reference)
+            waited, n = waited + self.stream.last_wait_s, n + 1
+            if n == self.log_every:  # like upstream's "Data (t)" for the target batch
+                logging.info(f"openclip-robust: Reference data (t): {waited / n:.4f} over {n} batches")
+                waited, n = 0.0, 0
 
 
 class ReferenceStream:
@@ -113,13 +146,11 @@ class ReferenceStream:
         self.epoch.set_value(epoch)
         self._it = iter(self.loader)
 
-    def next_batch(self, device, dtype=None):
+    def next_batch(self):
         start = time.perf_counter()
         if self._it is None:
             self.set_epoch(self.epoch.get_value())
         images, texts, keys = next(self._it)
-        frozen = self.teacher_cache.lookup(keys, device) if self.teacher_cache is not None else None
-        batch = ReferenceBatch(images.to(device=device, dtype=dtype, non_blocking=True),
-                               texts.to(device=device, non_blocking=True), keys, frozen)
+        frozen = self.teacher_cache.lookup(keys, "cpu") if self.teacher_cache is not None else None
         self.last_wait_s = time.perf_counter() - start
-        return batch
+        return ReferenceBatch(images, texts, list(keys), frozen)

@@ -17,7 +17,6 @@ class RobustLoss(nn.Module):
     name = None              # set by @register_loss
     needs_reference = False  # draws a reference image-caption batch every step
     needs_frozen = False     # needs the frozen pre-trained model
-    supports_accumulation = True  # its step inputs are batch-first, so --accum-freq caches them like features
     frozen_on_reference_only = False  # the frozen model only embeds reference data: --ref-teacher-cache can replace it
 
     @classmethod
@@ -44,9 +43,13 @@ class RobustLoss(nn.Module):
         """Add or replace loaders in upstream's `data` dict."""
 
     def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
-        """Extra loss inputs for this step, inside autocast: batch-first tensors. `reference` is (images,
-        texts) or None; `batch` is the train loader's batch as yielded (extra fields after images, texts)."""
+        """Extra loss inputs for this step, inside autocast: batch-first tensors. `reference` is a
+        ReferenceBatch (images, texts, keys, frozen) or None; `batch` is the train loader's batch as yielded
+        (images, texts, then any fields the method's loader adds), without the reference."""
         return {}
+
+    def on_train_epoch_start(self, model):
+        """After upstream's model.train() at each epoch start."""
 
     def on_optimizer_step(self):
         """After every optimizer step (commit state that must advance once per step, whatever --accum-freq)."""
@@ -87,3 +90,10 @@ def sq_dist(a, b):
 def frozen_features(frozen, images=None, texts=None, fp32_forward=False):
     with torch.no_grad():
         return precise.forward(fp32_forward, frozen, images, texts)
+
+
+def frozen_reference_features(frozen, reference, texts=True, fp32_forward=False):
+    """The frozen model's embeddings of a ReferenceBatch: the cached ones when it carries them."""
+    if reference.frozen is not None:
+        return reference.frozen
+    return frozen_features(frozen, reference.images, reference.texts if texts else None, fp32_forward)

@@ -7,12 +7,14 @@ L = CE(cos(w_i, f(x)) / τ) + λ·L_kd,  L_kd = 1/C Σ_i ‖w_i − w_zs,i‖₂
 Both towers are frozen (no gradient, eval mode); only the prompt module trains and only it is in the
 optimizer. The module file is written beside upstream's checkpoints each time they are saved.
 
-Data: upstream's loader yields (image, caption tokens) and the model's forward runs on that pair, so
-the class index cannot ride in the text slot as a bare integer. ``add_data`` replaces the train loader
-with an exactly K-shot, seeded subset read by ``cls`` from the target shards, whose text slot holds the
-tokens of the sample's class prompt "a photo of a {c}."; ``step_inputs`` recovers the class index by an
-exact row match against the C class prompts (class names that tokenize identically are refused at
-start). The forward's text features are thus the zero-shot features of each sample's class; unused.
+Data: ``add_data`` replaces the train loader with an exactly K-shot, seeded subset read by ``cls`` from
+the target shards. It yields (image, tokens of the class prompt "a photo of a {c}.", class index):
+upstream's forward runs on the first two, the loss reads the index from the batch. The towers run in
+eval mode (set at each epoch start), so the forward's image features are the frozen features.
+
+--accum-freq N: upstream caches the batch-first inputs (features, labels) and calls the loss once per
+micro-batch on the whole step's batch; the class weights are computed inside the loss from the module,
+so each call's gradient reaches the module in full and is scaled by 1/N (the step's gradient is exact).
 """
 import io
 import logging
@@ -86,7 +88,7 @@ class FewShotSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         with Image.open(io.BytesIO(self.images[i])) as img:
-            return self.preprocess(img.convert("RGB")), self.class_tokens[self.labels[i]]
+            return self.preprocess(img.convert("RGB")), self.class_tokens[self.labels[i]], self.labels[i]
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -129,7 +131,6 @@ def default_classnames_file(train_data):
 # -- the losses --------------------------------------------------------------------------------------
 @register_loss("contcoop")
 class ContCoOpLoss(RobustLoss):
-    supports_accumulation = False  # its class weights are per class, not per sample: upstream cannot cache them
     attention = True
     kd = True
 
@@ -212,10 +213,8 @@ class ContCoOpLoss(RobustLoss):
         self.module = PromptModule(n_ctx, self.tower.width, self.attention, token_space(model, tokenizer),
                                    args.prompt_init, init).to(args.device)
         self.prompts = ClassPrompts(self.tower, tokenizer, self.classnames, n_ctx, args.device)
-        self.class_tokens = tokenizer([args.prompt_zs_template.format(c=c) for c in self.classnames]).to(args.device)
-        if len(torch.unique(self.class_tokens, dim=0)) < len(self.classnames):
-            raise ValueError(f"{args.class_names}: two class names give the same tokens in "
-                             f"{args.prompt_zs_template!r}; make the names distinct")
+        self.class_tokens = tokenizer([args.prompt_zs_template.format(c=c) for c in self.classnames])
+        self.scale_grads_per_step(self.module.parameters(), args.accum_freq)
         with torch.no_grad():
             self.register_buffer("zs_weights", zeroshot_weights(self.tower, tokenizer, self.classnames,
                                                                 args.prompt_zs_template, args.prompt_class_chunk,
@@ -229,38 +228,31 @@ class ContCoOpLoss(RobustLoss):
 
     def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
         data["train"] = few_shot_loader(args, preprocess_fns[0], epoch, self.class_tokens, self.classnames)
-        self._batches = data["train"].dataloader.num_batches
+        self._batches = data["train"].dataloader.num_batches // args.accum_freq  # optimizer steps per epoch
         self._steps = epoch * self._batches
         self._save_dir = getattr(args, "checkpoint_path", None)  # upstream saves there; None without --logs
 
-    def labels(self, texts):
-        """Class index of each row of caption tokens: the one class prompt it equals."""
-        match = (texts[:, None, :] == self.class_tokens[None]).all(-1)
-        if not bool((match.sum(1) == 1).all()):
-            raise RuntimeError("a training caption is not one of the class prompts: the train loader is not ours")
-        return match.float().argmax(1)
+    def on_train_epoch_start(self, model):
+        unwrap(model).eval()  # upstream calls model.train() each epoch; the towers stay frozen features
+
+    def on_optimizer_step(self):
+        self._steps += 1
 
     def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
-        self._steps += 1
-        m = unwrap(model)
-        image_features = None
-        if m.training:  # upstream calls model.train() each epoch: this step's forward ran in train mode
-            m.eval()
-            with torch.no_grad():
-                image_features = m.encode_image(images, normalize=True)
-        weights = class_weights(self.module, self.tower, self.prompts, self.args.prompt_class_chunk)
-        return {"prompt_weights": weights, "prompt_labels": self.labels(texts),
-                "prompt_image_features": image_features}
+        return {"prompt_labels": batch[2].to(images.device)}
 
-    def forward(self, image_features, text_features, logit_scale, prompt_weights, prompt_labels,
-                prompt_image_features=None, output_dict=False, **_):
-        f = fp32(image_features if prompt_image_features is None else prompt_image_features)
+    def class_weights(self):
+        return class_weights(self.module, self.tower, self.prompts, self.args.prompt_class_chunk)
+
+    def forward(self, image_features, text_features, logit_scale, prompt_labels, output_dict=False, **_):
+        weights = self.class_weights()
+        f = fp32(image_features)
         # outside autocast: under fp16 the scaled gradient of logits/τ (τ = 0.01) overflows to inf
         with torch.autocast(f.device.type, enabled=False):
-            logits = f @ fp32(prompt_weights).T / self.args.prompt_temperature
+            logits = f @ fp32(weights).T / self.args.prompt_temperature
             losses = {"prompt_ce": F.cross_entropy(logits, prompt_labels)}
             if self.kd:
-                losses["prompt_kd"] = self.lam * kd_loss(prompt_weights, self.zs_weights)
+                losses["prompt_kd"] = self.lam * kd_loss(weights, self.zs_weights)
         if not output_dict:
             return sum(losses.values())
         losses["log_only"] = {"prompt_acc": (logits.argmax(1) == prompt_labels).float().mean()}

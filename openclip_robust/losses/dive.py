@@ -11,9 +11,8 @@ import torch
 
 from openclip_robust.distributed import all_reduce_mean
 from openclip_robust.losses import precise
-from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
+from openclip_robust.losses.base import RobustLoss, fp32, frozen_reference_features, sq_dist
 from openclip_robust.losses.registry import register_loss
-from openclip_robust.teachers.cache import frozen_reference_features
 
 TERMS = ("avl", "pvl")
 
@@ -67,7 +66,7 @@ class DiVELoss(RobustLoss):
         self.m, self.steps = state["m"], int(state["steps"])
 
     def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
-        ref_images, ref_texts = reference
+        ref_images, ref_texts = reference.images, reference.texts
         out = precise.forward(self.precise, model, ref_images, ref_texts)
         pre = frozen_reference_features(frozen, reference, fp32_forward=self.precise)
         return {"ref_image_features": out["image_features"], "ref_text_features": out["text_features"],

@@ -17,7 +17,7 @@ class ReplayLoss(RobustLoss):
         self.lam = args.replay_lambda
 
     def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
-        ref_images, ref_texts = reference
+        ref_images, ref_texts = reference.images, reference.texts
         out = model(ref_images, ref_texts)
         return {"ref_image_features": out["image_features"], "ref_text_features": out["text_features"]}
 

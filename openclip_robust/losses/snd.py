@@ -1,9 +1,8 @@
 """SnD as DiVE adapts it (Appendix B, Eq. 12-13): distil reference image embeddings from the
 frozen model. The original SnD code (dual teachers, frozen text tower) differs; see README."""
 from openclip_robust.losses import precise
-from openclip_robust.losses.base import RobustLoss, sq_dist
+from openclip_robust.losses.base import RobustLoss, frozen_reference_features, sq_dist
 from openclip_robust.losses.registry import register_loss
-from openclip_robust.teachers.cache import frozen_reference_features
 
 
 @register_loss("snd")
@@ -22,7 +21,7 @@ class SnDLoss(RobustLoss):
         self.lam = args.snd_lambda
 
     def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
-        ref_images, ref_texts = reference
+        ref_images, ref_texts = reference.images, reference.texts
         pre = frozen_reference_features(frozen, reference, texts=False, fp32_forward=self.precise)
         return {"ref_image_features": precise.forward(self.precise, model, ref_images, None)["image_features"],
                 "ref_pre_image_features": pre["image_features"]}

@@ -251,16 +251,6 @@ class TeacherCache:
         return out
 
 
-def frozen_reference_features(frozen, reference, texts=True, fp32_forward=False):
-    """The frozen model's embeddings of a reference batch: cached when the batch carries them."""
-    cached = getattr(reference, "frozen", None)
-    if cached is not None:
-        return cached
-    from openclip_robust.losses.base import frozen_features
-    images, tokens = reference
-    return frozen_features(frozen, images, tokens if texts else None, fp32_forward)
-
-
 # -- building --------------------------------------------------------------------------------------
 def _dist_env():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))

@@ -154,7 +154,8 @@ def test_kgcoop_with_zero_lambda_equals_coop():
         loss = cls(loss_args(cls.name, prompt_kd_lambda=lam))
         loss.zs_weights = zs
         w = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=-1).requires_grad_()
-        out = loss(f, f, torch.tensor(1.0), prompt_weights=w, prompt_labels=labels, output_dict=True)
+        loss.class_weights = lambda: w
+        out = loss(f, f, torch.tensor(1.0), prompt_labels=labels, output_dict=True)
         out.pop("log_only")
         total = sum(out.values())
         total.backward()

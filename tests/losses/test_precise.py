@@ -7,6 +7,7 @@ import torch
 from open_clip.model import CLIP
 
 from openclip_robust.demo.samples import TINY_CFG
+from openclip_robust.data.reference import ReferenceBatch
 from openclip_robust.losses import precise
 from openclip_robust.losses.base import sq_dist
 from openclip_robust.losses.dive import DiVELoss
@@ -32,7 +33,7 @@ def models():
         for p in model.parameters():
             p.mul_(1 + 1e-3 * torch.randn_like(p))
     g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(16, 3, 32, 32, generator=g), torch.randint(1, 49407, (16, 16), generator=g))
+    batch = ReferenceBatch(torch.randn(16, 3, 32, 32, generator=g), torch.randint(1, 49407, (16, 16), generator=g))
     return model, frozen, batch
 
 
@@ -73,7 +74,7 @@ def test_pure_bf16_weights_are_upcast_and_receive_gradients(models):
     model16.requires_grad_(True)
     exact = [frozen_copy(m).float() for m in (model16, frozen16)]  # the same bf16 weights, in fp32
     avl32, pvl32, _ = dive_raw(DiVELoss(args(precision="pure_bf16")), *exact, batch, bf16=False)
-    images16 = (batch[0].to(torch.bfloat16), batch[1])
+    images16 = ReferenceBatch(batch.images.to(torch.bfloat16), batch.texts)
     avl, pvl, inputs = dive_raw(DiVELoss(args(precision="pure_bf16")), model16, frozen16, images16, bf16=True)
     assert avl == pytest.approx(avl32, rel=0.1) and pvl == pytest.approx(pvl32, rel=0.1)
     inputs["ref_image_features"].sum().backward()
@@ -92,9 +93,9 @@ def test_kernel_teacher_distance_under_bf16_autocast_agrees_with_fp32(models):
     def reg(bf16, fp32_forward):
         kept.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            (student if fp32_forward else model)(batch[0], None)
-            f_ft = kept[0] if fp32_forward else model.encode_image(batch[0])
-            f_pre = precise.forward(fp32_forward, frozen.encode_image, batch[0])
+            (student if fp32_forward else model)(batch.images, None)
+            f_ft = kept[0] if fp32_forward else model.encode_image(batch.images)
+            f_pre = precise.forward(fp32_forward, frozen.encode_image, batch.images)
             return sq_dist(f_ft, f_pre).mean().item(), torch.is_autocast_enabled("cpu")
     exact, _ = reg(False, False)
     value, still_on = reg(True, True)
