@@ -114,10 +114,14 @@ def few_shot_loader(args, preprocess, epoch, class_tokens, classnames):
     chosen = [rows[i] for i in sample_k_shots([r[2] for r in rows], args.prompt_shots, args.seed, classnames)]
     labels = [r[2] for r in chosen]
     dataset = FewShotSet(read_samples(chosen), labels, class_tokens.cpu(), preprocess)
+    if len(dataset) < args.batch_size * args.accum_freq:
+        raise ValueError(f"--batch-size {args.batch_size} x --accum-freq {args.accum_freq}: more than the "
+                         f"{len(dataset)} few-shot training images; lower them or raise --prompt-shots")
     shared_epoch = SharedEpoch(epoch)
+    # full batches only, as upstream's train loaders: every step sees batch-size images
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          sampler=EpochShuffle(len(dataset), args.seed, shared_epoch),
-                                         persistent_workers=args.workers > 0)
+                                         drop_last=True, persistent_workers=args.workers > 0)
     loader.num_samples, loader.num_batches = len(dataset), len(loader)
     logging.info(f"openclip-robust: {len(dataset)} training images "
                  f"({args.prompt_shots or 'all'} per class x {len(classnames)} classes, seed {args.seed})")
