@@ -62,8 +62,6 @@ class RobustPlugin:
                            help="robust fine-tuning method.")
         group.add_argument("--ref-data", type=str, default=None,
                            help="reference image-caption webdataset shards (braces and '::' as in --train-data).")
-        group.add_argument("--ref-num-samples", type=int, default=None,
-                           help="number of reference samples (informational: the stream is resampled).")
         group.add_argument("--ref-batch-size", type=int, default=None,
                            help="reference batch size B' per GPU (default: --batch-size).")
         group.add_argument("--ref-workers", type=int, default=1, help="data workers for the reference stream.")

@@ -7,6 +7,7 @@ logit_scale it leaves as upstream has it). DiVE's m is committed once per optimi
 whole reference batch, so it must be equal too.
 """
 import csv
+import math
 import io
 
 import pytest
@@ -121,3 +122,43 @@ def test_two_micro_batches_give_the_gradient_of_one_batch(tmp_path, monkeypatch,
         m1, m2 = (c["plugins"]["robust"]["loss"]["_extra_state"]["m"] for c in (whole, split))
         assert m1.abs().max() > 0
         torch.testing.assert_close(m2, m1, rtol=1e-5, atol=1e-9)
+
+
+# -- plugin parameter groups under upstream's optimizer and LR schedule ---------------------------------
+def upstream_cosine(step, base_lr, warmup, steps):
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup))) * base_lr
+
+
+@pytest.mark.parametrize("opt", ["adamw", "timm/adamw"])
+def test_plugin_groups_follow_the_schedule_with_their_own_weight_decay(tmp_path, monkeypatch, tiny_model_dir,
+                                                                       csv_target, teacher, opt):
+    plugin_params, seen = set(), []
+    real = RobustPlugin.on_model_created
+
+    def on_model_created(self, args, model, device):
+        real(self, args, model, device)
+        plugin_params.update(id(p) for p in self.loss.parameters() if p.requires_grad)
+
+    def look(optimizer, args, kwargs):
+        seen.append([(g["lr"], g["weight_decay"], any(id(p) in plugin_params for p in g["params"]))
+                     for g in optimizer.param_groups if g["params"]])
+    monkeypatch.setattr(RobustPlugin, "on_model_created", on_model_created)
+    handle = register_optimizer_step_pre_hook(look)
+    try:
+        assert run_main(["--model", f"local-dir:{tiny_model_dir}", "--train-data", csv_target, "--dataset-type", "csv",
+                         "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "4",
+                         "--epochs", "2", "--lr", "1e-3", "--wd", "0.2", "--warmup", "2", "--workers", "0",
+                         "--opt", opt, "--eps", "1e-8", "--precision", "fp32", "--logs", str(tmp_path / "logs"), "--name", "groups",
+                         *method_flags("kernel", None, teacher, None)]) is None
+    finally:
+        handle.remove()
+    steps = 2 * B // 4
+    assert len(seen) == steps and len(plugin_params) == 2  # γ and c
+    for step, groups in enumerate(seen):
+        expected = upstream_cosine(step, 1e-3, 2, steps)
+        assert [lr for lr, _, _ in groups] == pytest.approx([expected] * len(groups), rel=1e-9)
+        plugin = [wd for _, wd, is_plugin in groups if is_plugin]
+        assert plugin == [0.0]  # the kernel's γ and c: no weight decay (KUEA), whatever --wd
+        assert 0.2 in [wd for _, wd, is_plugin in groups if not is_plugin]  # upstream's own groups keep --wd
