@@ -3,6 +3,7 @@ import logging
 import os
 
 import pytest
+import timm
 import torch
 
 from openclip_robust.data.shards import write_samples
@@ -35,3 +36,12 @@ def target_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ref_shards(tmp_path_factory):
     return write_samples(str(tmp_path_factory.mktemp("reference")), photo_samples(48), 16)["shards"]
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory):
+    """timm's tiny registered ViT ('test_vit': 160 px, mean = std = 0.5), random weights, saved locally."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "test_vit.pth"
+    torch.save(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), path)
+    return str(path)

@@ -1,19 +1,18 @@
 """--accum-freq 2 at batch B/2 against one step at batch B, through upstream's own loop.
 
-The gradient each parameter holds when the optimizer steps must agree to fp tolerance for every method. The one exception is upstream's:
-logit_scale reaches every micro-step's loss directly (each is the whole step's contrastive loss), so its
+The gradient each parameter holds when the optimizer steps must agree to fp tolerance for every method.
+The one exception is upstream's: logit_scale reaches every micro-step's loss directly (each is the whole step's contrastive loss), so its
 gradient is summed accum_freq times (the plugin scales its own directly reached parameters; upstream's
 logit_scale it leaves as upstream has it). DiVE's m is committed once per optimizer step from the step's
 whole reference batch, so it must be equal too.
 """
 import csv
-import math
 import io
+import math
 
 import pytest
 import torch
 from PIL import Image
-
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from openclip_robust.demo.samples import digits_samples
@@ -38,15 +37,6 @@ def csv_target(tmp_path_factory):
         writer.writeheader()
         writer.writerows(rows)
     return str(root / "train.csv")
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    import timm
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("acc_teacher") / "test_vit.pth"
-    torch.save(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +93,8 @@ def one_step(tmp_path, monkeypatch, name, model_dir, target, batch, accum, flags
 
 @pytest.mark.parametrize("method", ["flyp", "replay", "snd", "dive", "kernel", "contcoop"])
 def test_two_micro_batches_give_the_gradient_of_one_batch(tmp_path, monkeypatch, tiny_model_dir, csv_target,
-                                                          ref_shards, teacher, fewshot_target, method):
-    flags = method_flags(method, ref_shards, teacher, fewshot_target)
+                                                          ref_shards, teacher_file, fewshot_target, method):
+    flags = method_flags(method, ref_shards, teacher_file, fewshot_target)
     g1, whole = one_step(tmp_path, monkeypatch, "whole", tiny_model_dir, csv_target, B, 1, flags)
     g2, split = one_step(tmp_path, monkeypatch, "split", tiny_model_dir, csv_target, B // 2, 2, flags)
     assert g1.keys() == g2.keys() and len(g1) >= (1 if method == "contcoop" else 10)
@@ -133,7 +123,7 @@ def upstream_cosine(step, base_lr, warmup, steps):
 
 @pytest.mark.parametrize("opt", ["adamw", "timm/adamw"])
 def test_plugin_groups_follow_the_schedule_with_their_own_weight_decay(tmp_path, monkeypatch, tiny_model_dir,
-                                                                       csv_target, teacher, opt):
+                                                                       csv_target, teacher_file, opt):
     plugin_params, seen = set(), []
     real = RobustPlugin.on_model_created
 
@@ -151,7 +141,7 @@ def test_plugin_groups_follow_the_schedule_with_their_own_weight_decay(tmp_path,
                          "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "4",
                          "--epochs", "2", "--lr", "1e-3", "--wd", "0.2", "--warmup", "2", "--workers", "0",
                          "--opt", opt, "--eps", "1e-8", "--precision", "fp32", "--logs", str(tmp_path / "logs"), "--name", "groups",
-                         *method_flags("kernel", None, teacher, None)]) is None
+                         *method_flags("kernel", None, teacher_file, None)]) is None
     finally:
         handle.remove()
     steps = 2 * B // 4

@@ -253,7 +253,7 @@ def test_training_changes_only_the_module(tmp_path, family, clip_dirs, hf_dirs, 
         handle.remove()
     model, loss = seen["model"], seen["loss"]
     module_params = list(loss.module.parameters())
-    assert len(optimizers) == 6  # 2 epochs x ceil(20 / 8) steps
+    assert len(optimizers) == 4  # 2 epochs x 20 // 8 full batches
     assert all(len(ps) == len(module_params) and all(any(p is q for q in module_params) for p in ps)
                for ps in optimizers)
     for name, value in model.state_dict().items():
@@ -264,7 +264,7 @@ def test_training_changes_only_the_module(tmp_path, family, clip_dirs, hf_dirs, 
     assert not torch.equal(start["state_dict"]["ctx"], saved.ctx)  # epoch 2 moved on from epoch 1
     assert torch.equal(saved.ctx, loss.module.ctx.detach().cpu())
     ce = logged(tmp_path, family, "Prompt_ce")
-    assert len(ce) == 6 and all(math.isfinite(v) for v in ce)
+    assert len(ce) == 4 and all(math.isfinite(v) for v in ce)
 
 
 @pytest.mark.slow
@@ -340,7 +340,7 @@ def test_evaluate_refuses_other_token_space(tmp_path, clip_dirs, hf_dirs):
 def test_baselines_train(tmp_path, method, clip_dirs, digits_dir):
     assert prompt_run(tmp_path, method, clip_dirs["a"], digits_dir, method, "2") is None
     ce, kd = logged(tmp_path, method, "Prompt_ce"), logged(tmp_path, method, "Prompt_kd")
-    assert len(ce) == 3 and len(kd) == (3 if method == "kgcoop" else 0)
+    assert len(ce) == 2 and len(kd) == (2 if method == "kgcoop" else 0)
     saved = PromptModule.load(tmp_path / "logs" / method / "checkpoints" / "prompt_module.pt")
     assert not saved.attention and not hasattr(saved, "q")
 

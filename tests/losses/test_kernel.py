@@ -26,15 +26,6 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """timm's tiny registered ViT ('test_vit': 160 px, mean = std = 0.5), random weights, saved locally."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "test_vit.pth"
-    torch.save(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def image_only_shards(tmp_path_factory):
     samples = [{"png": s["png"]} for s in digits_samples(64)]  # no caption, no class: ImageNet-train style
     return write_samples(str(tmp_path_factory.mktemp("images")), samples, 32)["shards"]
