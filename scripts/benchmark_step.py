@@ -7,7 +7,8 @@ kernel and kernel-cached when registered) runs ``open_clip_train.main`` in a fre
 (real digits as target, real photographs as reference) with ``--log-every-n-steps 1``; upstream resets
 its Data (t) / Batch (t) meters after each log line, so every line is one step. Reported per variant
 and B' (B and B/4 by default): the median step time after warm-up, the data-wait share of the step
-(target: upstream's Data (t); reference: the plugin's "Reference data (t)"), and peak memory (GPU:
+(upstream's Data (t), which includes the reference batch riding in the train batch; the reference's
+share: the plugin's "Reference data (t)"), and peak memory (GPU:
 ``torch.cuda.max_memory_allocated``; CPU: peak RSS of the process minus its RSS before ``main()``),
 each as a ratio to FLYP, beside the FLOP bound (forward = 1, backward = 2 units, per tower from
 torch's FLOP counter). A micro-benchmark times one concatenated student forward + backward of the
@@ -69,7 +70,6 @@ def write_model(name, directory):
     """An open_clip local-dir: folder for `name` (tiny, small or an open_clip config), random init."""
     import open_clip
     import torch
-    from openclip_robust.data.shards import write_samples
     from openclip_robust.demo.samples import TINY_CFG
     cfg = {"tiny": TINY_CFG, "small": SMALL_CFG}.get(name) or open_clip.get_model_config(name)
     if cfg is None:
@@ -149,14 +149,12 @@ def worker(spec):
     import resource
     import torch
     torch.set_flush_denormal(True)
-    from open_clip_train.main import main
+    from openclip_robust.launch import train
     cuda = torch.cuda.is_available()
     rss_before = current_rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    status = main(spec["argv"])
-    if status not in (None, 0):
-        raise SystemExit(f"open_clip_train.main returned {status}")
+    train(spec["argv"])
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -278,7 +276,7 @@ def summarize(runs, a, flops):
             "step_s": step_s, "time_vs_flyp": statistics.median(step_ratios),
             "time_vs_flyp_best": best,
             "flop_bound": flop_bound(variant, ratio, flops),
-            "data_share": statistics.median((s["data_s"] + s["ref_data_s"]) / s["step_s"] for s in steps),
+            "data_share": statistics.median(s["data_s"] / s["step_s"] for s in steps),  # reference included
             "ref_data_share": statistics.median(s["ref_data_s"] / s["step_s"] for s in steps),
             "peak_mib": statistics.median(r["peak_bytes"] for r in mine) / 2 ** 20,
             "memory_vs_flyp": statistics.median(mem_ratios), "measured_steps": len(steps)})

@@ -1,6 +1,5 @@
 """End to end through upstream's own loop: `open_clip_train.main --robust-loss ...` on real images."""
 import json
-import logging
 import math
 import re
 import subprocess
@@ -8,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from open_clip_train.main import main
 
 from openclip_robust.demo.samples import TINY_CFG
+from openclip_robust.launch import run_main  # noqa: F401 (the other test files import it from here)
 
 pytestmark = pytest.mark.slow
 
@@ -20,19 +19,6 @@ LOSS_KEYS = {
     "replay": ["Contrastive_loss", "Replay_loss"],
     "snd": ["Contrastive_loss", "Snd_loss"],
 }
-
-
-def run_main(argv):
-    """upstream's main() adds a log file handler per call: drop it so runs do not log into each other."""
-    root = logging.getLogger()
-    before = list(root.handlers)
-    try:
-        return main(argv)
-    finally:
-        for h in root.handlers[:]:
-            if h not in before:
-                root.removeHandler(h)
-                h.close()
 
 
 def train_args(tmp_path, name, model_dir, target, *extra, epochs=1, batch=16, samples=32):

@@ -102,11 +102,11 @@ class WithReference:
         waited, n = 0.0, 0
         for batch in self.loader:
             reference = self.stream.next_batch()
-            yield (*batch, reference)
             waited, n = waited + self.stream.last_wait_s, n + 1
-            if n == self.log_every:  # like upstream's "Data (t)" for the target batch
+            if n == self.log_every:  # the reference's share of upstream's "Data (t)", logged before its step's
                 logging.info(f"openclip-robust: Reference data (t): {waited / n:.4f} over {n} batches")
                 waited, n = 0.0, 0
+            yield (*batch, reference)
 
 
 class ReferenceStream:

@@ -21,9 +21,8 @@ class SnDLoss(RobustLoss):
         self.lam = args.snd_lambda
 
     def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
-        ref_images, ref_texts = reference.images, reference.texts
         pre = frozen_reference_features(frozen, reference, texts=False, fp32_forward=self.precise)
-        return {"ref_image_features": precise.forward(self.precise, model, ref_images, None)["image_features"],
+        return {"ref_image_features": precise.forward(self.precise, model, reference.images, None)["image_features"],
                 "ref_pre_image_features": pre["image_features"]}
 
     def regularizer(self, logit_scale, ref_image_features, ref_pre_image_features, **_):

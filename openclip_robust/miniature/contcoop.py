@@ -32,7 +32,8 @@ from openclip_robust.miniature import data as md
 from openclip_robust.miniature.cache import cached
 from openclip_robust.miniature.experiment import QUICK, Config, prepare, render_needed, shard_spec
 from openclip_robust.miniature.model import build_model_a
-from openclip_robust.miniature.jobs import run_in_child, train_upstream
+from openclip_robust.launch import train as train_upstream
+from openclip_robust.miniature.jobs import run_in_child
 
 PAPER = {"ZS": (65.5, 70.8, 68.0), "LP": (78.2, 1.8, 3.6), "CoOp": (79.9, 75.4, 77.6),
          "KgCoOp": (78.3, 75.8, 77.0), "ContCoOp": (81.3, 79.3, 80.3)}

@@ -20,7 +20,8 @@ import torch
 from openclip_robust.data import shards as sh
 from openclip_robust.miniature import assets, data as md
 from openclip_robust.miniature.cache import cached, params_key
-from openclip_robust.miniature.jobs import JobPool, run_in_child, train_upstream
+from openclip_robust.launch import train as train_upstream
+from openclip_robust.miniature.jobs import JobPool, run_in_child
 from openclip_robust.miniature.model import CONTEXT_LENGTH, WEIGHTS_FILE, build_model_a, text_tower_without_dropout
 
 @dataclass

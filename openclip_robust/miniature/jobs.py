@@ -59,14 +59,6 @@ def run_in_child(fn, args, log, what):
         raise RuntimeError(f"{what} failed (exit code {proc.exitcode}); see {log}; its last lines:\n{tail}")
 
 
-def train_upstream(args):
-    """Upstream's own entry point, as ``python -m open_clip_train.main ARGS`` runs it (a child's fn)."""
-    from open_clip_train.main import main
-    status = main(list(args))
-    if status:  # main returns -1 when the run's log folder exists
-        raise SystemExit(f"open_clip_train.main returned {status}")
-
-
 class JobPool:
     """Run jobs `workers` at a time, the lowest priority number first (ties: in the order they became ready).
 

@@ -195,7 +195,7 @@ def test_run_in_child_says_when_nothing_was_logged(tmp_path):
 
 
 def test_train_upstream_fails_when_upstream_returns_an_error_status(tmp_path):
-    from openclip_robust.miniature.jobs import train_upstream
+    from openclip_robust.launch import train as train_upstream
     (tmp_path / "logs" / "taken").mkdir(parents=True)
     (tmp_path / "logs" / "taken" / "out.log").write_text("an earlier run\n")  # upstream returns -1 for this
     with pytest.raises(RuntimeError, match=r"returned -1") as err:
