@@ -27,7 +27,7 @@ import torch
 from openclip_robust.data import shards as sh
 from openclip_robust.evaluation.prompt_modules import evaluate_prompt_modules, harmonic
 from openclip_robust.evaluation.suite import DatasetSpec, batches, load_model, resolve_dataset
-from openclip_robust.losses.contcoop import sample_k_shots, scan_classes
+from openclip_robust.data.few_shot import sample_k_shots, scan_classes
 from openclip_robust.miniature import data as md
 from openclip_robust.miniature.cache import cached
 from openclip_robust.miniature.experiment import QUICK, Config, prepare, render_needed, shard_spec

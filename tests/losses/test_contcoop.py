@@ -2,7 +2,9 @@
 upstream's loop for both model families, and the Base/New evaluation on a second model."""
 import copy
 import json
+import math
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -11,17 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openclip_robust.demo.samples import TINY_CFG
-from openclip_robust.losses.contcoop import (ContCoOpLoss, CoOpLoss, KgCoOpLoss, kd_loss, sample_k_shots,
-                                             scan_classes)
-from openclip_robust.prompts import (ClassPrompts, PromptModule, TextTower, class_weights, token_space)
-from openclip_robust.data.shards import shard_list
-import math
-import re
-
+from openclip_robust.demo.samples import DIGITS, TINY_CFG
+from openclip_robust.losses.contcoop import ContCoOpLoss, CoOpLoss, KgCoOpLoss, kd_loss
+from openclip_robust.prompts import ClassPrompts, PromptModule, TextTower, class_weights, token_space
 from test_training_e2e import logged, run_main, train_args
 
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
              "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
 
@@ -201,19 +197,6 @@ def test_load_refuses_other_vocabulary(tmp_path, clip_dirs, hf_dirs):
 
 
 # -- K-shot sampling -----------------------------------------------------------------------------------
-def test_k_shot_exact_seeded_and_short_class_error(target_shards):
-    rows = scan_classes(shard_list(target_shards))
-    labels = [r[2] for r in rows]
-    assert len(rows) == 64
-    a, b, c = (sample_k_shots(labels, 2, s, DIGITS) for s in (0, 0, 1))
-    assert sorted(labels[i] for i in a) == sorted(list(range(10)) * 2)
-    assert a == b and a != c
-    smallest = min(range(10), key=labels.count)
-    with pytest.raises(ValueError, match=f"'{DIGITS[smallest]}' \\({labels.count(smallest)}\\)"):
-        sample_k_shots(labels, labels.count(smallest) + 1, 0, DIGITS)
-
-
-# -- through upstream's loop ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory, target_shards):
     """The demo's digit shards plus classnames.txt beside them (as make-target-shards writes it)."""
