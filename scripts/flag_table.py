@@ -1,8 +1,8 @@
 """The plugin's flag table for README.md, generated from the parser the user's command builds.
 
-    python scripts/flag_table.py                    # print the table
-    python scripts/flag_table.py --write README.md  # rewrite the block between the markers
-    python scripts/flag_table.py --check README.md  # exit 1 with a diff when the block differs
+    .venv/bin/python scripts/flag_table.py                    # print the table
+    .venv/bin/python scripts/flag_table.py --write README.md  # rewrite the block between the markers
+    .venv/bin/python scripts/flag_table.py --check README.md  # exit 1 with a diff when the block differs
 
 The parser is upstream's (``open_clip_train.params.parse_args``) with every installed plugin's
 ``add_args`` applied, as ``python -m open_clip_train.main`` builds it; the table lists the actions
@@ -118,10 +118,10 @@ def main(argv=None):
     mode.add_argument("--check", metavar="FILE", help="exit 1 with a diff when FILE's table differs")
     a = ap.parse_args(argv)
     table = flag_table(build_parser())
-    path = Path(a.write or a.check or "")
     if not (a.write or a.check):
         sys.stdout.write(table)
         return 0
+    path = Path(a.write or a.check)
     if not path.is_file():
         raise SystemExit(f"flag_table: {path}: no such file")
     text = path.read_text()
