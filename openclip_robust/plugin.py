@@ -73,7 +73,7 @@ class RobustPlugin:
                            help="BatchNorm statistics of the fine-tuned model: frozen (eval mode) or train.")
         group.add_argument("--prompt-redraw", choices=("auto", "off"), default="auto",
                            help="auto: when classnames.txt and templates.txt lie beside --train-data (as "
-                                "`openclip-robust target-shards` writes them), each caption gets a freshly "
+                                "`openclip-robust make-target-shards` writes them), each caption gets a freshly "
                                 "drawn template every time it is read (FLYP); off: captions as stored.")
         precise.add_args(group)
         for name in loss_names():
