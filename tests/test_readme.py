@@ -14,24 +14,39 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "openclip_robust" / "docs").glob("*.md"))
 MAX_README_LINES = 300
 
-spec = importlib.util.spec_from_file_location("flag_table", ROOT / "scripts" / "flag_table.py")
-flag_table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(flag_table)
+spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "scripts" / "readme_tables.py")
+tables = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tables)
 
 
 @pytest.fixture(scope="module")
 def parser():
-    return flag_table.build_parser()
+    return tables.build_parser()
 
 
 def test_readme_flag_table_equals_help(parser):
-    diff = flag_table.block_diff(README.read_text(), flag_table.flag_table(parser))
-    assert diff == "", f"README.md's flag table differs from --help; run: .venv/bin/python scripts/flag_table.py " \
+    diff = tables.block_diff(README.read_text(), tables.flag_table(parser))
+    assert diff == "", f"README.md's flag table differs from --help; run: .venv/bin/python scripts/readme_tables.py " \
                        f"--write README.md\n{diff}"
 
 
+@pytest.mark.parametrize("page", [README, ROOT / "openclip_robust" / "docs" / "hooks.md"], ids=lambda p: p.name)
+def test_hook_tables_equal_the_spec(page):
+    diff = tables.block_diff(page.read_text(), tables.hook_table(), page, tables.HOOK_BEGIN, tables.HOOK_END)
+    assert diff == "", f"run: .venv/bin/python scripts/readme_tables.py --write {page}\n{diff}"
+
+
+def test_a_new_hook_makes_the_hook_check_fail():
+    def on_extra(args):
+        "After something new."
+    spec = type("Spec", (), {**vars(tables.HookSpec), "on_extra": on_extra})
+    diff = tables.block_diff(README.read_text(), tables.hook_table(spec), README, tables.HOOK_BEGIN, tables.HOOK_END)
+    assert [line for line in diff.splitlines() if line.startswith(("+|", "-|"))] == [
+        "+| `on_extra(args)` | After something new. |"]
+
+
 def test_table_lists_every_plugin_flag_and_no_upstream_flag(parser):
-    table = flag_table.flag_table(parser)
+    table = tables.flag_table(parser)
     assert table.startswith("| flag | default | values | help |\n|---|---|---|---|\n")
     methods = ", ".join(f"`{name}`" for name in loss_names())
     assert f"| `--robust-loss` | – | {methods} | robust fine-tuning method. |" in table
@@ -42,50 +57,50 @@ def test_table_lists_every_plugin_flag_and_no_upstream_flag(parser):
     for upstream_flag in ("--train-data", "--batch-size", "--lr", "--logs"):
         assert f"| `{upstream_flag}` |" not in table
     rows = table.splitlines()[2:]
-    assert len(rows) == len(flag_table.plugin_group(parser)._group_actions) > 30
+    assert len(rows) == len(tables.plugin_group(parser)._group_actions) > 30
 
 
 def test_an_added_flag_makes_the_check_fail():
-    parser = flag_table.build_parser()  # a parser of its own: this test adds to it
-    readme = flag_table.replace_block(README.read_text(), flag_table.flag_table(parser))
-    flag_table.plugin_group(parser).add_argument("--extra-flag", type=int, default=3, help="one more | flag")
-    diff = flag_table.block_diff(readme, flag_table.flag_table(parser))
+    parser = tables.build_parser()  # a parser of its own: this test adds to it
+    readme = tables.replace_block(README.read_text(), tables.flag_table(parser))
+    tables.plugin_group(parser).add_argument("--extra-flag", type=int, default=3, help="one more | flag")
+    diff = tables.block_diff(readme, tables.flag_table(parser))
     added = [line for line in diff.splitlines() if line.startswith("+|")]
     assert added == ["+| `--extra-flag` | `3` | `int` | one more \\| flag |"]
     assert not [line for line in diff.splitlines() if line.startswith("-|")]
 
 
 def test_a_removed_flag_makes_the_check_fail():
-    parser = flag_table.build_parser()  # a parser of its own: this test removes from it
-    readme = flag_table.replace_block(README.read_text(), flag_table.flag_table(parser))
-    group = flag_table.plugin_group(parser)
+    parser = tables.build_parser()  # a parser of its own: this test removes from it
+    readme = tables.replace_block(README.read_text(), tables.flag_table(parser))
+    group = tables.plugin_group(parser)
     group._group_actions.remove(next(a for a in group._group_actions if a.dest == "snd_lambda"))
-    diff = flag_table.block_diff(readme, flag_table.flag_table(parser))
+    diff = tables.block_diff(readme, tables.flag_table(parser))
     assert [line[:20] for line in diff.splitlines() if line.startswith("-|")] == ["-| `--snd-lambda` | "]
     assert not [line for line in diff.splitlines() if line.startswith("+|")]
 
 
 def test_write_then_check_round_trip(tmp_path, capsys):
     page = tmp_path / "page.md"
-    page.write_text(f"# title\n\n{flag_table.BEGIN}\n| stale |\n{flag_table.END}\n\nafter\n")
-    stale = subprocess.run([sys.executable, str(ROOT / "scripts" / "flag_table.py"), "--check", str(page)],
+    page.write_text(f"# title\n\n{tables.BEGIN}\n| stale |\n{tables.END}\n\nafter\n")
+    stale = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_tables.py"), "--check", str(page)],
                            capture_output=True, text=True, timeout=120)
     assert stale.returncode == 1 and "-| stale |" in stale.stdout and "+| `--robust-loss` |" in stale.stdout
-    assert f"run: .venv/bin/python scripts/flag_table.py --write {page}" in stale.stderr
-    assert flag_table.main(["--write", str(page)]) == 0
+    assert f"run: .venv/bin/python scripts/readme_tables.py --write {page}" in stale.stderr
+    assert tables.main(["--write", str(page)]) == 0
     text = page.read_text()
-    assert text.startswith("# title\n\n") and text.endswith(f"{flag_table.END}\n\nafter\n") and "stale" not in text
+    assert text.startswith("# title\n\n") and text.endswith(f"{tables.END}\n\nafter\n") and "stale" not in text
     capsys.readouterr()
-    assert flag_table.main(["--check", str(page)]) == 0 and capsys.readouterr().out == ""
+    assert tables.main(["--check", str(page)]) == 0 and capsys.readouterr().out == ""
 
 
 def test_missing_markers_are_an_error_naming_the_file(tmp_path):
     page = tmp_path / "no-markers.md"
     page.write_text("# nothing to replace\n")
-    with pytest.raises(SystemExit, match=f"flag_table: {page} needs exactly one pair of markers"):
-        flag_table.main(["--check", str(page)])
+    with pytest.raises(SystemExit, match=f"readme_tables: {page} needs exactly one pair of markers"):
+        tables.main(["--check", str(page)])
     with pytest.raises(SystemExit, match="no-such.md: no such file"):
-        flag_table.main(["--write", str(tmp_path / "no-such.md")])
+        tables.main(["--write", str(tmp_path / "no-such.md")])
 
 
 # -- links -----------------------------------------------------------------------------------------
