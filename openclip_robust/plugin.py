@@ -49,6 +49,7 @@ class RobustPlugin:
         self.loss = None
         self.reference = None
         self.ref_urls = None
+        self.ref_weights = None     # per-shard weights of --ref-data-upsampling-factors
         self.teacher_cache = None   # --ref-teacher-cache: TeacherCache
         self.weights_hash = None    # of the model as loaded, checked against the cache's record
         self._defaults = {}
@@ -64,7 +65,13 @@ class RobustPlugin:
                            help="reference image-caption webdataset shards (braces and '::' as in --train-data).")
         group.add_argument("--ref-batch-size", type=int, default=None,
                            help="reference batch size B' per GPU (default: --batch-size).")
-        group.add_argument("--ref-workers", type=int, default=1, help="data workers for the reference stream.")
+        group.add_argument("--ref-data-upsampling-factors", type=str, default=None, metavar="F1::F2",
+                           help="weights of the '::'-joined --ref-data sources, one per source, as upstream's "
+                                "--train-data-upsampling-factors (each shard of a source drawn with its factor); "
+                                "default: every shard alike.")
+        group.add_argument("--ref-workers", type=int, default=None,
+                           help="data workers for the reference stream (default: --workers x B'/B, at least 1: "
+                                "decoding B' reference images a step takes B'/B times the target's work).")
         group.add_argument("--ref-teacher-cache", type=str, default=None, metavar="DIR",
                            help="frozen-model embeddings of --ref-data from `openclip-robust cache-teacher`: read "
                                 "them instead of running the frozen forward (dive, snd). Refused if its model, "
@@ -90,6 +97,8 @@ class RobustPlugin:
         self.method = get_loss_class(args.robust_loss)
         if args.ref_batch_size is None:
             args.ref_batch_size = args.batch_size
+        if args.ref_workers is None:
+            args.ref_workers = max(1, round(args.workers * args.ref_batch_size / args.batch_size))
         if args.ref_batch_size < 1 or args.ref_workers < 0:
             raise ValueError("--ref-batch-size must be >= 1 and --ref-workers >= 0")
         self.method.validate_args(args)
@@ -97,7 +106,7 @@ class RobustPlugin:
             if not args.ref_data:
                 raise ValueError(f"--robust-loss {args.robust_loss} needs --ref-data: webdataset shards "
                                  f"of reference image-caption pairs (e.g. CC3M in img2dataset format)")
-            self.ref_urls = readable_shards(args.ref_data)
+            self.ref_urls, self.ref_weights = readable_shards(args.ref_data, factors=args.ref_data_upsampling_factors)
         if args.ref_teacher_cache:
             if not self.method.frozen_on_reference_only:
                 raise ValueError(f"--ref-teacher-cache: --robust-loss {args.robust_loss} runs no frozen model on "
@@ -134,7 +143,7 @@ class RobustPlugin:
                                                     self.ref_urls)
         self.loss.add_data(args, data, preprocess_fns, epoch, tokenizer)
         if self.method.needs_reference:  # last: it wraps whichever train loader the steps above left
-            self.reference = ReferenceStream(args, self.ref_urls, preprocess_fns[1], tokenizer,
+            self.reference = ReferenceStream(args, self.ref_urls, preprocess_fns[1], tokenizer, self.ref_weights,
                                              teacher_cache=self.teacher_cache)
             train = data["train"]
             train.dataloader = WithReference(train.dataloader, self.reference,

@@ -66,9 +66,9 @@ def test_ref_data_with_no_readable_shard(capsys, tmp_path):
 def test_unreadable_shard_among_readable_is_skipped_with_warning(tmp_path, ref_shards, caplog):
     bad = tmp_path / "corrupt.tar"
     bad.write_bytes(b"this is not a tar file" * 100)
-    good = readable_shards(ref_shards)
+    good, _ = readable_shards(ref_shards)
     with caplog.at_level(logging.WARNING):
-        kept = readable_shards(f"{ref_shards}::{bad}")
+        kept, _ = readable_shards(f"{ref_shards}::{bad}")
     assert kept == good and len(good) == 3
     assert f"--ref-data: skipping shard {bad} (unreadable or without image+txt samples)" in caplog.text
 
@@ -92,6 +92,14 @@ def test_defaults_and_ref_batch_size(ref_shards):
     args = parse(["--robust-loss", "dive", "--ref-data", ref_shards, "--batch-size", "7"])
     assert args.ref_batch_size == 7 and args.dive_lambda == 1000.0 and args.dive_alpha == 0.99
     assert parse([]).robust_loss is None
+
+
+def test_reference_workers_default_scales_with_the_reference_batch(ref_shards):
+    flags = ["--robust-loss", "dive", "--ref-data", ref_shards, "--workers", "4", "--batch-size", "8"]
+    assert parse(flags + ["--ref-batch-size", "16"]).ref_workers == 8  # twice the images a step
+    assert parse(flags + ["--ref-batch-size", "2"]).ref_workers == 1
+    assert parse(flags + ["--ref-batch-size", "1"]).ref_workers == 1  # at least one
+    assert parse(flags + ["--ref-workers", "3"]).ref_workers == 3
 
 
 def test_bn_statistics_stay_frozen_while_affine_trains():

@@ -7,6 +7,7 @@ at an epoch boundary sees exactly the batches an uninterrupted run would. Images
 deterministic eval transform (no augmentation): the frozen model's view of a sample is fixed.
 """
 import logging
+import math
 import os
 import random
 import tarfile
@@ -20,7 +21,7 @@ from torch.utils.data import get_worker_info
 from webdataset.filters import _shuffle
 
 from open_clip_train.data import (
-    ResampledShards2, SharedEpoch, expand_urls, filter_no_caption_or_no_image, log_and_continue,
+    _SAMPLE_SHUFFLE_INITIAL, _SAMPLE_SHUFFLE_SIZE, ResampledShards2, SharedEpoch, expand_urls, filter_no_caption_or_no_image, log_and_continue,
     tarfile_to_samples_nothrow)
 
 from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, has_image, is_local, tar_samples
@@ -36,19 +37,38 @@ def first_sample_ok(path):
     return "txt" in exts and has_image(exts)
 
 
-def readable_shards(spec, flag="--ref-data"):
+def source_weights(spec, factors, flag="--ref-data-upsampling-factors"):
+    """Upstream's --train-data-upsampling-factors rule for '::'-joined sources: each shard of source i is
+    drawn with weight factors[i] (so a source's share also grows with its shard count). None: uniform."""
+    if factors is None:
+        return None
+    sources, values = spec.split("::"), factors.split("::")
+    try:
+        weights = [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"{flag} {factors!r}: give one number per --ref-data source, joined by '::'") from None
+    if len(weights) != len(sources):
+        raise ValueError(f"{flag} {factors!r}: {len(weights)} factors for {len(sources)} --ref-data sources "
+                         f"(joined by '::'); give one per source")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise ValueError(f"{flag} {factors!r}: factors must be finite, >= 0 and not all 0")
+    return expand_urls(spec, factors)[1]
+
+
+def readable_shards(spec, flag="--ref-data", factors=None):
     """Expand `spec` (braces, '::') and drop local shards that cannot be read, with a warning.
 
     Remote URLs are kept as they are. No readable shard at all is an error, raised before training:
-    a resampled stream over unreadable shards would otherwise spin forever.
+    a resampled stream over unreadable shards would otherwise spin forever. Returns (urls, weights):
+    the per-shard weights of `factors` (see source_weights), None when it is None.
     """
     urls, _ = expand_urls(spec)
-    good = []
-    for url in urls:
-        if not is_local(url):
+    weights = source_weights(spec, factors)
+    good, good_weights = [], []
+    for i, url in enumerate(urls):
+        if not is_local(url) or first_sample_ok(url):
             good.append(url)
-        elif first_sample_ok(url):
-            good.append(url)
+            good_weights.append(None if weights is None else weights[i])
         else:
             reason = "missing" if not os.path.exists(url) else "unreadable or without image+txt samples"
             logging.warning(f"{flag}: skipping shard {url} ({reason})")
@@ -56,7 +76,9 @@ def readable_shards(spec, flag="--ref-data"):
         raise ValueError(
             f"{flag} {spec!r}: no readable shard ({len(urls)} listed). Give webdataset .tar shards whose "
             f"samples hold an image ({'/'.join(IMAGE_EXTS)}) and a caption (.txt).")
-    return good
+    if weights is not None and not any(good_weights):
+        raise ValueError(f"{flag} {spec!r}: every readable shard has upsampling factor 0")
+    return good, (None if weights is None else good_weights)
 
 
 class SeededShuffle(wds.PipelineStage):
@@ -117,7 +139,7 @@ class ReferenceStream:
     waited for data (loader, cache look-up, copy to the device).
     """
 
-    def __init__(self, args, urls, preprocess, tokenizer, shuffle_buffer=1000, teacher_cache=None):
+    def __init__(self, args, urls, preprocess, tokenizer, weights=None, teacher_cache=None):
         self.epoch = SharedEpoch(0)
         self.teacher_cache = teacher_cache
         self.last_wait_s = 0.0
@@ -128,9 +150,9 @@ class ReferenceStream:
             return (base + 1) * 1_000_003 + rank * 10_007 + (worker.id if worker else 0) * 101
 
         pipeline = wds.DataPipeline(
-            ResampledShards2(urls, deterministic=True, worker_seed=seed_fn, epoch=self.epoch),
+            ResampledShards2(urls, weights=weights, deterministic=True, worker_seed=seed_fn, epoch=self.epoch),
             tarfile_to_samples_nothrow,
-            SeededShuffle(shuffle_buffer, min(100, shuffle_buffer), seed_fn, self.epoch),
+            SeededShuffle(_SAMPLE_SHUFFLE_SIZE, _SAMPLE_SHUFFLE_INITIAL, seed_fn, self.epoch),  # upstream's sizes
             wds.select(filter_no_caption_or_no_image),
             wds.decode("pilrgb", handler=log_and_continue),
             wds.rename(image=IMAGE_KEYS, text="txt"),
@@ -139,7 +161,8 @@ class ReferenceStream:
             wds.batched(args.ref_batch_size, partial=False),
         )
         self.loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.ref_workers,
-                                    persistent_workers=args.ref_workers > 0)
+                                    persistent_workers=args.ref_workers > 0,
+                                    pin_memory=str(args.device).startswith("cuda"))  # async copy to the GPU
         self._it = None
 
     def set_epoch(self, epoch):

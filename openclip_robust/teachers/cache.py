@@ -357,7 +357,7 @@ def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32"
     record = provenance(model_name, model, preprocess, tokenizer, precise.frozen_precision(precision, diff_precision),
                         force_quick_gelu, force_image_size, force_context_length)
 
-    urls = readable_shards(ref_data)
+    urls, _ = readable_shards(ref_data)
     mine = urls[rank::world]
     autocast = get_autocast(precision, device_type=torch.device(device).type)
     input_dtype = open_clip.get_input_dtype(precision)

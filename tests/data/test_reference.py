@@ -1,0 +1,36 @@
+"""The reference stream: --ref-data-upsampling-factors weights '::' sources as upstream weights --train-data."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from openclip_robust.data.reference import ReferenceStream, readable_shards, source_weights
+
+
+def test_factors_become_per_shard_weights_as_upstream():
+    assert source_weights("a{0..1}.tar::b.tar", "1::3") == [1.0, 1.0, 3.0]
+    assert source_weights("a{0..1}.tar", None) is None
+
+
+@pytest.mark.parametrize("factors, message", [
+    ("1", "1 factors for 2 --ref-data sources"), ("1::x", "give one number per --ref-data source"),
+    ("1::-1", "finite, >= 0 and not all 0"), ("nan::1", "finite"), ("0::0", "not all 0")])
+def test_bad_factors_name_the_flag(factors, message):
+    with pytest.raises(ValueError, match=f"--ref-data-upsampling-factors '{factors}'.*{message}"):
+        source_weights("a.tar::b.tar", factors)
+
+
+def drawn_sources(spec, factors, batches=6):
+    """Which source each drawn sample came from (1: photographs, 2: digits), read from its caption."""
+    urls, weights = readable_shards(spec, factors=factors)
+    args = SimpleNamespace(rank=0, seed=0, ref_batch_size=8, ref_workers=0, device="cpu")
+    stream = ReferenceStream(args, urls, lambda image: torch.zeros(1),
+                             lambda text: torch.tensor([[2 if "digit" in text else 1]]), weights)
+    return torch.cat([stream.next_batch().texts.flatten() for _ in range(batches)]).tolist()
+
+
+def test_a_zero_factor_source_is_never_drawn_and_equal_factors_draw_both(ref_shards, target_shards):
+    spec = f"{ref_shards}::{target_shards}"
+    assert set(drawn_sources(spec, "1::0")) == {1}
+    assert set(drawn_sources(spec, "0::1")) == {2}
+    assert set(drawn_sources(spec, "1::1")) == {1, 2}
