@@ -11,6 +11,7 @@ from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master
 
+from openclip_robust import flags
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
 from openclip_robust.data.reference import ReferenceStream, readable_shards
 from openclip_robust.losses import get_loss_class, loss_names, precise
@@ -57,6 +58,7 @@ class RobustPlugin:
         self._ref_wait = [0.0, 0]   # reference data wait (s) and batches since the last log line
         self._accum_reference = []  # --accum-freq > 1: the reference micro-batches of this step, in order
         self._defaults = {}
+        self._owners, self._actions = {}, []  # method name -> the flags it added; the plugin's flags
 
     # -- arguments -------------------------------------------------------------------------------
     def add_args(self, parser):
@@ -83,8 +85,8 @@ class RobustPlugin:
                                 "`openclip-robust target-shards` writes them), each caption gets a freshly "
                                 "drawn template every time it is read (FLYP); off: captions as stored.")
         precise.add_args(group)
-        for name in loss_names():
-            get_loss_class(name).add_args(group)
+        self._owners = flags.add_method_args(group)
+        self._actions = list(group._group_actions)
         self._defaults = {a.dest: a.default for a in parser._actions if a.dest not in before}
 
     def validate_args(self, args):
@@ -95,6 +97,8 @@ class RobustPlugin:
                                  f"add --robust-loss {{{','.join(loss_names())}}} or drop them")
             return
         self.method = get_loss_class(args.robust_loss)
+        flags.check_finite(args, self._actions)
+        flags.check_unused(args, self.method, self._owners, self._defaults)
         if args.accum_freq > 1 and not self.method.supports_accumulation:
             raise ValueError(f"--robust-loss {args.robust_loss} does not support --accum-freq > 1 yet (its "
                              f"per-class prompt weights are not per-sample); use --accum-freq 1")

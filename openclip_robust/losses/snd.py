@@ -2,6 +2,7 @@
 frozen model. The original SnD code (dual teachers, frozen text tower) differs; see README."""
 from openclip_robust.losses import precise
 from openclip_robust.losses.base import RobustLoss, sq_dist
+from openclip_robust.losses.checks import require
 from openclip_robust.losses.registry import register_loss
 from openclip_robust.teachers.cache import frozen_reference_features
 
@@ -16,6 +17,10 @@ class SnDLoss(RobustLoss):
     def add_args(cls, group):
         group.add_argument("--snd-lambda", type=float, default=1.0,
                            help="weight of the feature distillation term (Eq. 13).")
+
+    @classmethod
+    def validate_args(cls, args):
+        require(args, "snd_lambda", low=0.0)
 
     def __init__(self, args):
         super().__init__(args)
