@@ -11,7 +11,7 @@ from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master
 
-from openclip_robust import flags
+from openclip_robust import flags, guards
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
 from openclip_robust.data.reference import ReferenceStream, readable_shards
 from openclip_robust.losses import get_loss_class, loss_names, precise
@@ -51,6 +51,7 @@ class RobustPlugin:
         self.method = None   # the RobustLoss class chosen by --robust-loss
         self.frozen = None   # frozen pre-trained model
         self.loss = None
+        self.guard = None    # guards.NonFiniteGuard: a non-finite loss stops the run
         self.reference = None
         self.ref_urls = None
         self.teacher_cache = None   # --ref-teacher-cache: TeacherCache
@@ -85,6 +86,7 @@ class RobustPlugin:
                                 "`openclip-robust target-shards` writes them), each caption gets a freshly "
                                 "drawn template every time it is read (FLYP); off: captions as stored.")
         precise.add_args(group)
+        guards.add_args(group)
         self._owners = flags.add_method_args(group)
         self._actions = list(group._group_actions)
         self._defaults = {a.dest: a.default for a in parser._actions if a.dest not in before}
@@ -99,6 +101,7 @@ class RobustPlugin:
         self.method = get_loss_class(args.robust_loss)
         flags.check_finite(args, self._actions)
         flags.check_unused(args, self.method, self._owners, self._defaults)
+        guards.validate_args(args)
         if args.accum_freq > 1 and not self.method.supports_accumulation:
             raise ValueError(f"--robust-loss {args.robust_loss} does not support --accum-freq > 1 yet (its "
                              f"per-class prompt weights are not per-sample); use --accum-freq 1")
@@ -131,6 +134,7 @@ class RobustPlugin:
             self.frozen = frozen_copy(model)
         self.loss = self.method(args)
         self.loss.setup(args, model)
+        self.guard = guards.NonFiniteGuard(args, model, self.loss)
 
     def param_groups(self, args, model):
         return self.loss.param_groups() if self.loss is not None else []
@@ -158,6 +162,7 @@ class RobustPlugin:
             return
         if args.robust_bn == "frozen":
             freeze_bn_stats(model)
+        self.guard.on_train_epoch_start(epoch, data)
         if self.reference is not None:
             self.reference.set_epoch(epoch)
 
@@ -187,6 +192,7 @@ class RobustPlugin:
         if self.loss is not None:
             self._accum_reference.clear()
             self.loss.on_optimizer_step()
+            self.guard.on_optimizer_step(step)
 
     def _log_reference_wait(self, args):
         """Like upstream's "Data (t)" for the target batch: mean reference wait per log window."""
