@@ -14,6 +14,8 @@ from open_clip_train.distributed import is_master
 from openclip_robust import flags, guards
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
 from openclip_robust.data.reference import ReferenceStream, readable_shards
+from openclip_robust.data.run_probe import check_run_data
+from openclip_robust.data import probe
 from openclip_robust.losses import get_loss_class, loss_names, precise
 from openclip_robust.data.shards import PromptRedrawTokenizer
 from openclip_robust.teachers import cache as teacher_cache
@@ -87,6 +89,7 @@ class RobustPlugin:
                                 "drawn template every time it is read (FLYP); off: captions as stored.")
         precise.add_args(group)
         guards.add_args(group)
+        probe.add_args(group)
         self._owners = flags.add_method_args(group)
         self._actions = list(group._group_actions)
         self._defaults = {a.dest: a.default for a in parser._actions if a.dest not in before}
@@ -102,6 +105,7 @@ class RobustPlugin:
         flags.check_finite(args, self._actions)
         flags.check_unused(args, self.method, self._owners, self._defaults)
         guards.validate_args(args)
+        probe.validate_args(args)
         if args.accum_freq > 1 and not self.method.supports_accumulation:
             raise ValueError(f"--robust-loss {args.robust_loss} does not support --accum-freq > 1 yet (its "
                              f"per-class prompt weights are not per-sample); use --accum-freq 1")
@@ -155,6 +159,7 @@ class RobustPlugin:
                                              teacher_cache=self.teacher_cache)
             data[REFERENCE_KEY] = self.reference
         self.loss.add_data(args, data, preprocess_fns, epoch, tokenizer)
+        check_run_data(args, self.method, self.ref_urls, preprocess_fns, tokenizer)
 
     # -- training step ---------------------------------------------------------------------------
     def on_train_epoch_start(self, args, model, data, epoch):

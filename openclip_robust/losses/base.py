@@ -19,6 +19,9 @@ class RobustLoss(nn.Module):
     needs_frozen = False     # needs the frozen pre-trained model
     supports_accumulation = True  # its step inputs are batch-first, so --accum-freq caches them like features
     frozen_on_reference_only = False  # the frozen model only embeds reference data: --ref-teacher-cache can replace it
+    # what the data probe requires of --train-data's webdataset samples: "image+caption", "image", or None
+    # (not probed: the method's own loader reads other fields and checks them itself)
+    target_samples = "image+caption"
 
     @classmethod
     def add_args(cls, group):

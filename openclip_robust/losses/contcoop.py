@@ -130,6 +130,7 @@ def default_classnames_file(train_data):
 @register_loss("contcoop")
 class ContCoOpLoss(RobustLoss):
     supports_accumulation = False  # its class weights are per class, not per sample: upstream cannot cache them
+    target_samples = None  # its few-shot loader reads 'cls' from every sample up front and checks it there
     attention = True
     kd = True
 

@@ -95,6 +95,7 @@ class ScaleGrad(torch.autograd.Function):
 @register_loss("kernel")
 class KernelAlignmentLoss(RobustLoss):
     needs_frozen = True  # L_reg's f_pre; the frozen copy's text tower is never run
+    target_samples = "image"  # trains on images alone (ImageNet-train shards have no captions)
 
     @classmethod
     def add_args(cls, group):
