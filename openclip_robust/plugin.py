@@ -11,7 +11,7 @@ from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master
 
-from openclip_robust import flags, guards
+from openclip_robust import flags, guards, resume
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
 from openclip_robust.data.reference import ReferenceStream, readable_shards
 from openclip_robust.data.run_probe import check_run_data
@@ -54,6 +54,9 @@ class RobustPlugin:
         self.frozen = None   # frozen pre-trained model
         self.loss = None
         self.guard = None    # guards.NonFiniteGuard: a non-finite loss stops the run
+        self.args = None
+        self.record = None   # resume.run_record: what a checkpoint must match to be resumed by this run
+        self._init_watch = resume.RandomInitWatch()  # upstream's "initialized randomly" warning
         self.reference = None
         self.ref_urls = None
         self.teacher_cache = None   # --ref-teacher-cache: TeacherCache
@@ -106,6 +109,9 @@ class RobustPlugin:
         flags.check_unused(args, self.method, self._owners, self._defaults)
         guards.validate_args(args)
         probe.validate_args(args)
+        resume.fall_back_past_corrupt_latest(args)
+        if self.method.needs_frozen:
+            self._init_watch.start()
         if args.accum_freq > 1 and not self.method.supports_accumulation:
             raise ValueError(f"--robust-loss {args.robust_loss} does not support --accum-freq > 1 yet (its "
                              f"per-class prompt weights are not per-sample); use --accum-freq 1")
@@ -131,7 +137,10 @@ class RobustPlugin:
     def on_model_created(self, args, model, device):
         if self.method is None:
             return
+        self._init_watch.stop()
+        resume.refuse_random_frozen(args, self.method, self._init_watch)
         check_upstream_bn_freeze(args, model)
+        self.args, self.record = args, resume.run_record(args, self.method, model)
         if args.ref_teacher_cache:
             self.weights_hash = teacher_cache.weights_sha256(model)
         if self.method.needs_frozen and not (args.ref_teacher_cache and self.method.frozen_on_reference_only):
@@ -211,13 +220,15 @@ class RobustPlugin:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self):
-        state = self.loss.state_dict() if self.loss is not None else {}
-        return {"loss": state} if state else {}
+        if self.loss is None:
+            return {}
+        return {"loss": self.loss.state_dict(), resume.RECORD_KEY: self.record}
 
     def load_state_dict(self, state):
         if self.loss is None:
             logging.warning("--resume: the checkpoint holds openclip-robust loss state (e.g. DiVE's m) but "
                             "no --robust-loss is given: that state is dropped")
             return
-        self.loss.load_state_dict(state["loss"])
+        resume.check_resume(state, self.record, self.loss, self.args.resume)
+        self.loss.load_state_dict(state.get("loss", {}))
         logging.info("openclip-robust: restored loss state from the checkpoint")

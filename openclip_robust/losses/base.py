@@ -22,6 +22,7 @@ class RobustLoss(nn.Module):
     # what the data probe requires of --train-data's webdataset samples: "image+caption", "image", or None
     # (not probed: the method's own loader reads other fields and checks them itself)
     target_samples = "image+caption"
+    resume_settings = ()  # flags that shape the loss state: --resume refuses a checkpoint written with others
 
     @classmethod
     def add_args(cls, group):

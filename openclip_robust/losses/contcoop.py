@@ -131,6 +131,7 @@ def default_classnames_file(train_data):
 class ContCoOpLoss(RobustLoss):
     supports_accumulation = False  # its class weights are per class, not per sample: upstream cannot cache them
     target_samples = None  # its few-shot loader reads 'cls' from every sample up front and checks it there
+    resume_settings = ("prompt_n_ctx", "prompt_init")  # the learned context's shape
     attention = True
     kd = True
 

@@ -32,6 +32,7 @@ class DiVELoss(RobustLoss):
     needs_reference = True
     needs_frozen = True
     frozen_on_reference_only = True  # --ref-teacher-cache can replace the frozen model
+    resume_settings = ("dive_distance", "dive_terms", "dive_alpha")  # m's shape and meaning
 
     @classmethod
     def add_args(cls, group):

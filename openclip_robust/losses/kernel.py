@@ -96,6 +96,7 @@ class ScaleGrad(torch.autograd.Function):
 class KernelAlignmentLoss(RobustLoss):
     needs_frozen = True  # L_reg's f_pre; the frozen copy's text tower is never run
     target_samples = "image"  # trains on images alone (ImageNet-train shards have no captions)
+    resume_settings = ("kernel_type", "kernel_degree", "kernel_fixed")  # which kernel parameters exist
 
     @classmethod
     def add_args(cls, group):
