@@ -86,6 +86,8 @@ class NonFiniteGuard:
     def _check_loss(self, module, inputs, output):
         terms = output if isinstance(output, dict) else {"loss": output}
         terms = {k: v for k, v in terms.items() if k != "log_only" and torch.is_tensor(v)}
+        if not terms:
+            return None
         flags = torch.stack([~torch.isfinite(v.detach()).all() for v in terms.values()])
         bad = any_rank(flags).tolist()
         if not any(bad):

@@ -57,6 +57,7 @@ class RobustPlugin:
         self.args = None
         self.record = None   # resume.run_record: what a checkpoint must match to be resumed by this run
         self._init_watch = resume.RandomInitWatch()  # upstream's "initialized randomly" warning
+        self._resumed_state = False  # load_state_dict was called (the checkpoint held plugin state)
         self.reference = None
         self.ref_urls = None
         self.teacher_cache = None   # --ref-teacher-cache: TeacherCache
@@ -158,6 +159,8 @@ class RobustPlugin:
     def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
         if self.loss is None or "train" not in data:
             return
+        if args.resume and not self._resumed_state:
+            resume.refuse_plain_train_checkpoint(args.resume, self.method.name)
         if args.prompt_redraw == "auto":
             redraw_prompts(args, data, preprocess_fns, epoch, tokenizer)
         if args.ref_teacher_cache and self.teacher_cache is None:
@@ -230,5 +233,6 @@ class RobustPlugin:
                             "no --robust-loss is given: that state is dropped")
             return
         resume.check_resume(state, self.record, self.loss, self.args.resume)
+        self._resumed_state = True
         self.loss.load_state_dict(state.get("loss", {}))
         logging.info("openclip-robust: restored loss state from the checkpoint")

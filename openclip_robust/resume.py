@@ -83,6 +83,18 @@ def check_resume(state, record, loss, path):
                           f"another method. {_fresh(path)}.")
 
 
+def refuse_plain_train_checkpoint(path, method_name):
+    """A training checkpoint without plugin state (upstream calls no plugin then): written without --robust-loss."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # not mmap-able (legacy format) or not weights-only: upstream loaded it; nothing to compare
+        return
+    if isinstance(checkpoint, dict) and "epoch" in checkpoint and "plugins" not in checkpoint:
+        raise ResumeError(f"--resume {path}: the checkpoint was trained without --robust-loss, this run asks for "
+                          f"--robust-loss {method_name}. {_fresh(path)}; to fine-tune its weights with "
+                          f"{method_name}, give them as --pretrained in a new run.")
+
+
 class RandomInitWatch(logging.Handler):
     """Notes upstream's warning that create_model initialised the model randomly (no pre-trained weights)."""
 

@@ -96,3 +96,21 @@ def test_nan_steps_skipped_up_to_the_limit(tmp_path, tiny_model_dir, target_shar
     assert "non-finite loss at step 2 (epoch 1, batch 1 of 2)" in log and "2 earlier step(s) were skipped" in log
     ckpt = torch.load(tmp_path / "logs" / "skip" / "checkpoints" / "epoch_1.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())  # skipped steps trained nothing bad
+
+
+@pytest.mark.slow
+def test_nan_under_torchrun_stops_both_ranks(tmp_path, tiny_model_dir, target_shards, ref_shards):
+    """torchrun, 2 processes, gloo on CPU: the decision is all-reduced, so both ranks raise at the same step."""
+    import os
+    argv = train_args(tmp_path, "ddp", tiny_model_dir, target_shards, "--robust-loss", "dive", "--ref-data",
+                      ref_shards, "--ref-batch-size", "4", "--batch-size", "8", "--dive-lambda", "1e300",
+                      "--precision", "fp32")
+    argv[argv.index("--logs")] = "--logs-dir"  # torchrun reads --logs as its own --logs-specs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29900 + os.getpid() % 90), "-m", "open_clip_train.main", *argv]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert log.count("NonFiniteLossError: openclip-robust: non-finite loss at step 0 (epoch 0, batch 1 of 2)") >= 2, \
+        log[-4000:]

@@ -93,3 +93,13 @@ def test_resume_latest_falls_back_past_a_truncated_checkpoint(tmp_path, tiny_mod
     assert "resuming checkpoint" in log and "(epoch 1)" in log
     assert (run / "checkpoints" / "epoch_2.pt.corrupt").exists()
     assert torch.load(run / "checkpoints" / "epoch_3.pt", weights_only=True)["epoch"] == 3
+
+
+def test_plain_upstream_checkpoint_resumed_with_a_robust_loss(tmp_path, tiny_model_dir, target_shards, ref_shards):
+    code, log = run_training(tmp_path, "plain", *train_args(tmp_path, "plain", tiny_model_dir, target_shards))
+    assert code == 0, log[-3000:]
+    ckpt = tmp_path / "logs" / "plain" / "checkpoints" / "epoch_1.pt"
+    code, log = resume_with(tmp_path, tiny_model_dir, target_shards, ckpt, "--robust-loss", "dive", "--ref-data",
+                            ref_shards, "--ref-batch-size", "8")
+    assert code != 0 and f"ResumeError: --resume {ckpt}: the checkpoint was trained without --robust-loss, this run " \
+                          f"asks for --robust-loss dive" in log

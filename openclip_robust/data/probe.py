@@ -180,6 +180,8 @@ def _read(result, urls, stages, need_caption, limit):
 def probe_stream(flag, urls, stages, need_caption=True, rank=0, timeout_s=120.0, samples=PROBE_SAMPLES):
     """Read up to `samples` raw samples from a few of `urls` through `stages(handler)` (the training stages
     after the image/caption filter); return an error message, or None when the stream is usable."""
+    if not urls:
+        return f"{flag}: no shard listed"
     start = rank % len(urls)
     order = (urls[start:] + urls[:start])[:PROBE_SHARDS]
     result = ProbeResult()
