@@ -11,8 +11,11 @@ from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master
 
+from openclip_robust import flags, guards, resume
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
 from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards
+from openclip_robust.data.run_probe import check_run_data
+from openclip_robust.data import probe
 from openclip_robust.losses import get_loss_class, loss_names, precise
 from openclip_robust.data.shards import PromptRedrawTokenizer
 from openclip_robust.teachers import cache as teacher_cache
@@ -47,12 +50,18 @@ class RobustPlugin:
         self.method = None   # the RobustLoss class chosen by --robust-loss
         self.frozen = None   # frozen pre-trained model
         self.loss = None
+        self.guard = None    # guards.NonFiniteGuard: a non-finite loss stops the run
+        self.args = None
+        self.record = None   # resume.run_record: what a checkpoint must match to be resumed by this run
+        self._init_watch = resume.RandomInitWatch()  # upstream's "initialized randomly" warning
+        self._resumed_state = False  # load_state_dict was called (the checkpoint held plugin state)
         self.reference = None
         self.ref_urls = None
         self.ref_weights = None     # per-shard weights of --ref-data-upsampling-factors
         self.teacher_cache = None   # --ref-teacher-cache: TeacherCache
         self.weights_hash = None    # of the model as loaded, checked against the cache's record
         self._defaults = {}
+        self._owners, self._actions = {}, []  # method name -> the flags it added; the plugin's flags
 
     # -- arguments -------------------------------------------------------------------------------
     def add_args(self, parser):
@@ -83,8 +92,10 @@ class RobustPlugin:
                                 "`openclip-robust make-target-shards` writes them), each caption gets a freshly "
                                 "drawn template every time it is read (FLYP); off: captions as stored.")
         precise.add_args(group)
-        for name in loss_names():
-            get_loss_class(name).add_args(group)
+        guards.add_args(group)
+        probe.add_args(group)
+        self._owners = flags.add_method_args(group)
+        self._actions = list(group._group_actions)
         self._defaults = {a.dest: a.default for a in parser._actions if a.dest not in before}
 
     def validate_args(self, args):
@@ -95,6 +106,13 @@ class RobustPlugin:
                                  f"add --robust-loss {{{','.join(loss_names())}}} or drop them")
             return
         self.method = get_loss_class(args.robust_loss)
+        flags.check_finite(args, self._actions)
+        flags.check_unused(args, self.method, self._owners, self._defaults)
+        guards.validate_args(args)
+        probe.validate_args(args)
+        resume.fall_back_past_corrupt_latest(args)
+        if self.method.needs_frozen:
+            self._init_watch.start()
         if args.ref_batch_size is None:
             args.ref_batch_size = args.batch_size
         if args.ref_workers is None:
@@ -119,13 +137,17 @@ class RobustPlugin:
     def on_model_created(self, args, model, device):
         if self.method is None:
             return
+        self._init_watch.stop()
+        resume.refuse_random_frozen(args, self.method, self._init_watch)
         check_upstream_bn_freeze(args, model)
+        self.args, self.record = args, resume.run_record(args, self.method, model)
         if args.ref_teacher_cache:
             self.weights_hash = teacher_cache.weights_sha256(model)
         if self.method.needs_frozen and not (args.ref_teacher_cache and self.method.frozen_on_reference_only):
             self.frozen = frozen_copy(model)
         self.loss = self.method(args)
         self.loss.setup(args, model)
+        self.guard = guards.NonFiniteGuard(args, model, self.loss)
 
     def param_groups(self, args, model):
         return self.loss.param_groups() if self.loss is not None else []
@@ -136,12 +158,15 @@ class RobustPlugin:
     def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
         if self.loss is None or "train" not in data:
             return
+        if args.resume and not self._resumed_state:
+            resume.refuse_plain_train_checkpoint(args.resume, self.method.name)
         if args.prompt_redraw == "auto":
             redraw_prompts(args, data, preprocess_fns, epoch, tokenizer)
         if args.ref_teacher_cache and self.teacher_cache is None:
             self.teacher_cache = open_teacher_cache(args, preprocess_fns[1], tokenizer, self.weights_hash,
                                                     self.ref_urls)
         self.loss.add_data(args, data, preprocess_fns, epoch, tokenizer)
+        check_run_data(args, self.method, self.ref_urls, preprocess_fns, tokenizer)
         if self.method.needs_reference:  # last: it wraps whichever train loader the steps above left
             self.reference = ReferenceStream(args, self.ref_urls, preprocess_fns[1], tokenizer, self.ref_weights,
                                              teacher_cache=self.teacher_cache)
@@ -155,6 +180,7 @@ class RobustPlugin:
             return
         if args.robust_bn == "frozen":
             freeze_bn_stats(model)
+        self.guard.on_train_epoch_start(epoch, data)
         if self.reference is not None:
             self.reference.set_epoch(epoch)
         self.loss.on_train_epoch_start(model)
@@ -170,16 +196,20 @@ class RobustPlugin:
     def on_optimizer_step(self, args, model, step):
         if self.loss is not None:
             self.loss.on_optimizer_step()
+            self.guard.on_optimizer_step(step)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self):
-        state = self.loss.state_dict() if self.loss is not None else {}
-        return {"loss": state} if state else {}
+        if self.loss is None:
+            return {}
+        return {"loss": self.loss.state_dict(), resume.RECORD_KEY: self.record}
 
     def load_state_dict(self, state):
         if self.loss is None:
             logging.warning("--resume: the checkpoint holds openclip-robust loss state (e.g. DiVE's m) but "
                             "no --robust-loss is given: that state is dropped")
             return
-        self.loss.load_state_dict(state["loss"])
+        resume.check_resume(state, self.record, self.loss, self.args.resume)
+        self._resumed_state = True
+        self.loss.load_state_dict(state.get("loss", {}))
         logging.info("openclip-robust: restored loss state from the checkpoint")

@@ -21,9 +21,10 @@ from torch.utils.data import get_worker_info
 from webdataset.filters import _shuffle
 
 from open_clip_train.data import (
-    _SAMPLE_SHUFFLE_INITIAL, _SAMPLE_SHUFFLE_SIZE, ResampledShards2, SharedEpoch, expand_urls, filter_no_caption_or_no_image, log_and_continue,
+    _SAMPLE_SHUFFLE_INITIAL, _SAMPLE_SHUFFLE_SIZE, ResampledShards2, SharedEpoch, expand_urls,
     tarfile_to_samples_nothrow)
 
+from openclip_robust.data.probe import FailureGuard
 from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, has_image, is_local, tar_samples
 
 
@@ -131,6 +132,12 @@ class WithReference:
             yield (*batch, reference)
 
 
+def sample_stages(preprocess, tokenizer, handler):
+    """The stages after the image/caption filter: what the stream and its probe (data/probe.py) decode with."""
+    return [wds.decode("pilrgb", handler=handler), wds.rename(image=IMAGE_KEYS, text="txt"),
+            wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0], handler=handler)]
+
+
 class ReferenceStream:
     """Per-rank batches of B' reference pairs; `set_epoch` restarts the stream with that epoch's seed.
 
@@ -149,14 +156,15 @@ class ReferenceStream:
             worker = get_worker_info()
             return (base + 1) * 1_000_003 + rank * 10_007 + (worker.id if worker else 0) * 101
 
+        # failures in a row stop the stream instead of spinning over broken shards (data/probe.py)
+        guard = FailureGuard("--ref-data", getattr(args, "data_failure_limit", 200))
         pipeline = wds.DataPipeline(
             ResampledShards2(urls, weights=weights, deterministic=True, worker_seed=seed_fn, epoch=self.epoch),
-            tarfile_to_samples_nothrow,
+            lambda src: tarfile_to_samples_nothrow(src, handler=guard.handler),
             SeededShuffle(_SAMPLE_SHUFFLE_SIZE, _SAMPLE_SHUFFLE_INITIAL, seed_fn, self.epoch),  # upstream's sizes
-            wds.select(filter_no_caption_or_no_image),
-            wds.decode("pilrgb", handler=log_and_continue),
-            wds.rename(image=IMAGE_KEYS, text="txt"),
-            wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
+            wds.select(guard.keep),
+            *sample_stages(preprocess, tokenizer, guard.handler),
+            wds.map(guard.decoded),
             wds.to_tuple("image", "text", "__key__"),
             wds.batched(args.ref_batch_size, partial=False),
         )

@@ -18,6 +18,10 @@ class RobustLoss(nn.Module):
     needs_reference = False  # draws a reference image-caption batch every step
     needs_frozen = False     # needs the frozen pre-trained model
     frozen_on_reference_only = False  # the frozen model only embeds reference data: --ref-teacher-cache can replace it
+    # what the data probe requires of --train-data's webdataset samples: "image+caption", "image", or None
+    # (not probed: the method's own loader reads other fields and checks them itself)
+    target_samples = "image+caption"
+    resume_settings = ()  # flags that shape the loss state: --resume refuses a checkpoint written with others
 
     @classmethod
     def add_args(cls, group):

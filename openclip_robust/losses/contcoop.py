@@ -37,6 +37,8 @@ def default_classnames_file(train_data):
 # -- the losses --------------------------------------------------------------------------------------
 @register_loss("contcoop")
 class ContCoOpLoss(RobustLoss):
+    target_samples = None  # its few-shot loader reads 'cls' from every sample up front and checks it there
+    resume_settings = ("prompt_n_ctx", "prompt_init")  # the learned context's shape
     attention = True
     kd = True
 

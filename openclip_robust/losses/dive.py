@@ -12,6 +12,7 @@ import torch
 from openclip_robust.distributed import all_reduce_mean
 from openclip_robust.losses import precise
 from openclip_robust.losses.base import RobustLoss, fp32, frozen_reference_features, sq_dist
+from openclip_robust.losses.checks import require
 from openclip_robust.losses.registry import register_loss
 
 TERMS = ("avl", "pvl")
@@ -30,6 +31,7 @@ class DiVELoss(RobustLoss):
     needs_reference = True
     needs_frozen = True
     frozen_on_reference_only = True  # --ref-teacher-cache can replace the frozen model
+    resume_settings = ("dive_distance", "dive_terms", "dive_alpha")  # m's shape and meaning
 
     @classmethod
     def add_args(cls, group):
@@ -45,8 +47,8 @@ class DiVELoss(RobustLoss):
     @classmethod
     def validate_args(cls, args):
         parse_terms(args.dive_terms)
-        if not 0.0 <= args.dive_alpha < 1.0:
-            raise ValueError(f"--dive-alpha {args.dive_alpha}: must be in [0, 1)")
+        require(args, "dive_lambda", low=0.0)  # negative would maximise the distance to the frozen model
+        require(args, "dive_alpha", low=0.0, high=1.0, high_open=True)
 
     def __init__(self, args):
         super().__init__(args)

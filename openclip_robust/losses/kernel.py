@@ -23,6 +23,7 @@ from openclip_robust.teachers import cache as teacher_cache
 from openclip_robust.data.image_only import get_image_only_wds, is_webdataset
 from openclip_robust.losses import precise
 from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
+from openclip_robust.losses.checks import require
 from openclip_robust.losses.registry import register_loss
 from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags
 
@@ -94,6 +95,8 @@ class ScaleGrad(torch.autograd.Function):
 @register_loss("kernel")
 class KernelAlignmentLoss(RobustLoss):
     needs_frozen = True  # L_reg's f_pre; the frozen copy's text tower is never run
+    target_samples = "image"  # trains on images alone (ImageNet-train shards have no captions)
+    resume_settings = ("kernel_type", "kernel_degree", "kernel_fixed")  # which kernel parameters exist
 
     @classmethod
     def add_args(cls, group):
@@ -128,12 +131,15 @@ class KernelAlignmentLoss(RobustLoss):
             raise ValueError(f"--robust-loss kernel --precision {args.precision}: the student's image tower holds "
                              f"half-precision weights, so L_reg's f_ft - f_pre cannot be computed in fp32 "
                              f"(--diff-precision fp32); use --precision amp_bf16, or --diff-precision autocast")
+        require(args, "kernel_weight", low=0.0)
+        if args.kernel_type == "poly":
+            require(args, "kernel_degree", low=1)
+            require(args, "kernel_gamma", low=0.0, low_open=True)
+            require(args, "kernel_coef", low=0.0)  # c < 0 can make k(a, a) negative: its square root is NaN
+        if args.kernel_type == "gaussian":
+            require(args, "kernel_sigma", low=0.0, low_open=True)
+            require(args, "kernel_teacher_sigma", low=0.0, low_open=True)
         check_teacher_flags(args.kernel_teacher, args.kernel_teacher_pretrained, args.kernel_teacher_image_size)
-        if args.kernel_type == "poly" and args.kernel_degree < 1:
-            raise ValueError(f"--kernel-degree {args.kernel_degree}: must be >= 1")
-        for flag in ("kernel_sigma", "kernel_teacher_sigma"):
-            if args.kernel_type == "gaussian" and getattr(args, flag) <= 0:
-                raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
         if args.kernel_teacher_cache:
             if not args.train_data or not is_webdataset(args):
                 raise ValueError(f"--kernel-teacher-cache: --train-data {args.train_data!r} is not read as webdataset "

@@ -1,5 +1,6 @@
 """FLYP + replay (DiVE Appendix E, Eq. 15): the contrastive loss on a reference batch too."""
 from openclip_robust.losses.base import RobustLoss
+from openclip_robust.losses.checks import require
 from openclip_robust.losses.registry import register_loss
 
 
@@ -11,6 +12,10 @@ class ReplayLoss(RobustLoss):
     def add_args(cls, group):
         group.add_argument("--replay-lambda", type=float, default=1.0,
                            help="weight of the contrastive loss on the reference batch (Eq. 15).")
+
+    @classmethod
+    def validate_args(cls, args):
+        require(args, "replay_lambda", low=0.0)
 
     def __init__(self, args):
         super().__init__(args)

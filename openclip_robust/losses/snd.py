@@ -2,6 +2,7 @@
 frozen model. The original SnD code (dual teachers, frozen text tower) differs; see docs/methods.md."""
 from openclip_robust.losses import precise
 from openclip_robust.losses.base import RobustLoss, frozen_reference_features, sq_dist
+from openclip_robust.losses.checks import require
 from openclip_robust.losses.registry import register_loss
 
 
@@ -15,6 +16,10 @@ class SnDLoss(RobustLoss):
     def add_args(cls, group):
         group.add_argument("--snd-lambda", type=float, default=1.0,
                            help="weight of the feature distillation term (Eq. 13).")
+
+    @classmethod
+    def validate_args(cls, args):
+        require(args, "snd_lambda", low=0.0)
 
     def __init__(self, args):
         super().__init__(args)

@@ -178,8 +178,14 @@ def read_manifest(cache_dir, kind="reference"):
     if not os.path.isfile(path):
         raise ValueError(f"{spec['flag']} {cache_dir}: no {MANIFEST} there (not a cache, or its build did not "
                          f"finish); build one with {spec['build']}")
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{spec['flag']} {cache_dir}: {path} is not a cache manifest ({type(e).__name__}); the "
+                         f"cache is damaged: rebuild it with {spec['build']}") from None
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(f"{spec['flag']} {cache_dir}: format {manifest.get('format')} (expected "
                          f"{FORMAT_VERSION}); rebuild it")
@@ -205,7 +211,13 @@ class TeacherCache:
             path = os.path.join(cache_dir, name)
             if not os.path.isfile(path):
                 raise ValueError(f"{self.spec['flag']} {cache_dir}: part {name} is missing; rebuild the cache")
-            part = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                part = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                if not isinstance(part, dict) or "keys" not in part:
+                    raise ValueError("no sample keys")
+            except Exception as e:  # truncated, random bytes, another file: all mean the part is damaged
+                raise ValueError(f"{self.spec['flag']} {cache_dir}: part {path} does not load ({type(e).__name__}); "
+                                 f"the cache is damaged: rebuild it with {self.spec['build']}") from None
             self.parts.append(part)
             self.index.update({key: (p, row) for row, key in enumerate(part["keys"])})
 

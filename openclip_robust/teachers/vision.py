@@ -33,8 +33,21 @@ def check_teacher_flags(name, path, image_size=None):
                          "local .safetensors/.pth/.bin file (nothing is downloaded at run time)")
     if not os.path.isfile(path):
         raise ValueError(f"--kernel-teacher-pretrained {path}: file not found")
+    if not looks_like_weights(path):
+        raise ValueError(f"--kernel-teacher-pretrained {path}: not a safetensors or torch checkpoint file (its first "
+                         f"bytes are neither); give the teacher's weights as .safetensors/.pth/.bin")
     if image_size is not None and image_size < 1:
         raise ValueError(f"--kernel-teacher-image-size {image_size}: must be >= 1")
+
+
+def looks_like_weights(path):
+    """Whether the file starts like a safetensors file (u64 header length, then a JSON header) or a torch
+    checkpoint (a zip archive, or a legacy pickle): a cheap check before anything is built."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return True
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
 
 
 def teacher_input_size(name, image_size=None):
