@@ -15,9 +15,10 @@ import webdataset as wds
 from open_clip_train.data import (
     _SAMPLE_SHUFFLE_INITIAL, _SAMPLE_SHUFFLE_SIZE, _SHARD_SHUFFLE_INITIAL, _SHARD_SHUFFLE_SIZE, DataInfo,
     ResampledShards2, SharedEpoch, detshuffle2, expand_urls, get_dataset_fn, get_dataset_size, get_wds_dataset,
-    log_and_continue, tarfile_to_samples_nothrow)
+    tarfile_to_samples_nothrow)
 
-from openclip_robust.data.shard_format import IMAGE_KEYS, has_image
+from openclip_robust.data.probe import FailureGuard
+from openclip_robust.data.shard_format import IMAGE_KEYS
 
 
 def is_webdataset(args):
@@ -45,13 +46,16 @@ def get_image_only_wds(args, preprocess_img, epoch, tokenizer, with_keys=False):
                                 epoch=shared_epoch),
                     wds.split_by_node, wds.split_by_worker]
     empty_caption = tokenizer("")[0]
+    # failures in a row stop the run instead of spinning over broken shards (data/probe.py)
+    guard = FailureGuard("--train-data", args.data_failure_limit, need_caption=False)
     pipeline += [
-        tarfile_to_samples_nothrow,
+        lambda src: tarfile_to_samples_nothrow(src, handler=guard.handler),
         wds.shuffle(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL),
-        wds.select(has_image),
-        wds.decode("pilrgb", handler=log_and_continue),
+        wds.select(guard.keep),
+        wds.decode("pilrgb", handler=guard.handler),
         wds.rename(image=IMAGE_KEYS),
-        wds.map_dict(image=preprocess_img),
+        wds.map_dict(image=preprocess_img, handler=guard.handler),
+        wds.map(guard.decoded),
         wds.map((lambda sample: (sample["image"], empty_caption, sample["__key__"])) if with_keys
                 else (lambda sample: (sample["image"], empty_caption))),
         wds.batched(args.batch_size, partial=False),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from open_clip import create_model_and_transforms, get_tokenizer
+from openclip_robust.data.image_only import get_image_only_wds
 from openclip_robust.data.probe import DataError, FailureGuard, probe_stream
 from openclip_robust.data.reference import ReferenceStream, sample_stages
 from openclip_robust.data.shards import write_samples
@@ -183,3 +184,14 @@ def test_one_rank_with_bad_data_stops_both_ranks(tmp_path, tiny_model_dir, targe
     # both ranks raise the same error, naming the rank whose data is bad
     assert log.count("data probe failed before step 1: rank 1: --ref-data: no usable sample in "
                      f"pipe:sh {script}") >= 2, log[-4000:]
+
+
+def test_image_only_target_stream_stops_instead_of_spinning(tmp_path, transforms):
+    """The kernel method's image-only --train-data loader: every image undecodable stops it after the limit."""
+    _, spec = shards(tmp_path, "bad_target", [{"png": s["png"]} for s in undecodable(16)], 8)
+    preprocess, tokenizer = transforms
+    args = SimpleNamespace(train_data=spec, train_num_samples=16, dataset_resampled=True, seed=0, workers=0,
+                           world_size=1, batch_size=4, train_data_upsampling_factors=None, data_failure_limit=40)
+    loader = get_image_only_wds(args, preprocess, 0, tokenizer).dataloader
+    with bounded(60), pytest.raises(DataError, match=r"--train-data: 40 samples or shards in a row failed"):
+        next(iter(loader))
