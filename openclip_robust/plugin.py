@@ -16,7 +16,8 @@ from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_
 from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards
 from openclip_robust.data.run_probe import check_run_data
 from openclip_robust.data import probe
-from openclip_robust.losses import get_loss_class, loss_names, precise
+from openclip_robust import precise
+from openclip_robust.losses import get_loss_class, loss_names
 from openclip_robust.data.shards import PromptRedrawTokenizer
 from openclip_robust.teachers import cache as teacher_cache
 

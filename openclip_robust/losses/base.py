@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from open_clip import create_loss
 
-from openclip_robust.losses import precise
+from openclip_robust import precise
 
 
 class RobustLoss(nn.Module):

@@ -10,7 +10,7 @@ f_ft(x).f_pre(x) and g_ft(t).g_pre(t) instead of u and v.
 import torch
 
 from openclip_robust.distributed import all_reduce_mean
-from openclip_robust.losses import precise
+from openclip_robust import precise
 from openclip_robust.losses.base import RobustLoss, fp32, frozen_reference_features, sq_dist
 from openclip_robust.losses.checks import require
 from openclip_robust.losses.registry import register_loss

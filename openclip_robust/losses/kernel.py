@@ -21,7 +21,7 @@ from torch import nn
 
 from openclip_robust.teachers import cache as teacher_cache
 from openclip_robust.data.image_only import get_image_only_wds, is_webdataset
-from openclip_robust.losses import precise
+from openclip_robust import precise
 from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
 from openclip_robust.losses.checks import require
 from openclip_robust.losses.registry import register_loss

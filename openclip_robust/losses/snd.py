@@ -1,6 +1,6 @@
 """SnD as DiVE adapts it (Appendix B, Eq. 12-13): distil reference image embeddings from the
 frozen model. The original SnD code (dual teachers, frozen text tower) differs; see docs/methods.md."""
-from openclip_robust.losses import precise
+from openclip_robust import precise
 from openclip_robust.losses.base import RobustLoss, frozen_reference_features, sq_dist
 from openclip_robust.losses.checks import require
 from openclip_robust.losses.registry import register_loss

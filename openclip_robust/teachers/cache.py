@@ -35,9 +35,17 @@ import re
 import time
 from collections import Counter
 
+import open_clip
+import timm
 import torch
+import webdataset as wds
+from open_clip_train.data import expand_urls, filter_no_caption_or_no_image, log_and_continue, tarfile_to_samples_nothrow
+from open_clip_train.precision import get_autocast
 
+from openclip_robust import precise
+from openclip_robust.data.reference import readable_shards
 from openclip_robust.data.shard_format import IMAGE_KEYS, has_image, is_local
+from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags, teacher_input_size
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -117,7 +125,6 @@ def tokenizer_fingerprint(tokenizer):
 
 def model_config(model_name, force_quick_gelu=False, force_image_size=None, force_context_length=None):
     """The architecture as built: open_clip's config plus the overrides that change the embeddings."""
-    import open_clip
     cfg = None if model_name.startswith("hf-hub:") else open_clip.get_model_config(model_name)
     return {"model": cfg, "force_quick_gelu": bool(force_quick_gelu), "force_image_size": force_image_size,
             "force_context_length": force_context_length}
@@ -140,8 +147,6 @@ def kernel_teacher_provenance(teacher, teacher_pretrained, teacher_image_size=No
     teacher sees pixels), its preprocessing does: the decoded image goes through the student's eval
     transform (whose Normalize also gives VisionTeacher the student's mean and std) before the teacher's
     own resize and normalisation. `preprocess` None leaves that field out (checked once the run has it)."""
-    import timm
-    from openclip_robust.teachers.vision import teacher_input_size
     record = {"teacher": teacher, "teacher_weights_sha256": file_sha256(teacher_pretrained),
               "teacher_image_size": list(teacher_input_size(teacher, teacher_image_size)),
               "model_name": model_name, "precision": precision, "timm": timm.__version__}
@@ -272,8 +277,6 @@ def _shard_loader(urls, preprocess, tokenizer, batch_size, workers):
     """Every sample of `urls` once, in order: (keys, images, texts) batches of image-caption samples, or
     with `tokenizer` None (keys, images) batches of every sample with an image (as the image-only
     training loader reads them)."""
-    import webdataset as wds
-    from open_clip_train.data import filter_no_caption_or_no_image, log_and_continue, tarfile_to_samples_nothrow
     if tokenizer is None:
         stages = [wds.select(has_image), wds.decode("pilrgb", handler=log_and_continue),
                   wds.rename(image=IMAGE_KEYS), wds.map_dict(image=preprocess), wds.to_tuple("__key__", "image")]
@@ -350,11 +353,8 @@ def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32"
                 diff_precision="fp32"):
     """Reference kind: embed every reference sample with the model as upstream loads it, by the frozen
     forward training runs (fp32 under --diff-precision fp32); returns the manifest (rank 0)."""
-    from openclip_robust.losses import precise
-    import open_clip
+    # here: upstream's main module; at the top it would load main.py a second time under python -m open_clip_train.main
     from open_clip_train.main import random_seed
-    from open_clip_train.precision import get_autocast
-    from openclip_robust.data.reference import readable_shards
 
     rank, world, device = _start(out_dir, device)
     random_seed(seed, 0)  # as upstream before creating the model: random-init weights match too
@@ -386,7 +386,6 @@ def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32"
 
 def target_shards(train_data):
     """--train-data expanded as upstream does (braces, '::'); a local shard that does not exist is an error."""
-    from open_clip_train.data import expand_urls
     urls, _ = expand_urls(train_data)
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
@@ -402,9 +401,6 @@ def build_kernel_teacher_cache(teacher, teacher_pretrained, train_data, out_dir,
     """Kernel-teacher kind: the timm teacher's pooled features of every target image, as
     ``--robust-loss kernel`` computes them in training from the student's eval-transformed batch;
     returns the manifest (rank 0). The student's weights are not loaded: only its preprocessing counts."""
-    import open_clip
-    from open_clip_train.precision import get_autocast
-    from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags
 
     check_teacher_flags(teacher, teacher_pretrained, teacher_image_size)
     urls = target_shards(train_data)

@@ -8,7 +8,7 @@ from open_clip.model import CLIP
 
 from openclip_robust.demo.samples import TINY_CFG
 from openclip_robust.data.reference import ReferenceBatch
-from openclip_robust.losses import precise
+from openclip_robust import precise
 from openclip_robust.losses.base import sq_dist
 from openclip_robust.losses.dive import DiVELoss
 from openclip_robust.losses.snd import SnDLoss
