@@ -137,7 +137,8 @@ def loads(path):
 
 def fall_back_past_corrupt_latest(args):
     """--resume latest: move newest checkpoints that do not load aside, so upstream resumes from one that does."""
-    from open_clip_train.main import natural_key  # upstream's own ordering of checkpoint names
+    # here: upstream's own ordering of checkpoint names; main.py at the top would load twice under python -m
+    from open_clip_train.main import natural_key
     if args.resume != "latest" or not args.name or args.remote_sync or args.save_most_recent:
         return
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) != 0:

@@ -19,6 +19,7 @@ so each call's gradient reaches the module in full and is scaled by 1/N (the ste
 import logging
 import os
 
+import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -97,7 +98,6 @@ class ContCoOpLoss(RobustLoss):
         self._save_dir, self._steps, self._batches = None, 0, None
 
     def setup(self, args, model):
-        import open_clip
         if args.world_size > 1:
             raise ValueError(f"--robust-loss {self.name} trains on one process (few-shot, frozen towers); "
                              f"run without torchrun / with one GPU")

@@ -8,14 +8,15 @@ teacher's mean and std. (KUEA's code fed the teacher CLIP's normalisation instea
 import os
 import sys
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.models import get_pretrained_cfg, load_state_dict
 from torch import nn
 
 
 def check_teacher_flags(name, path, image_size=None):
     """Errors a user can fix before anything is built: unknown timm name, missing weights file."""
-    import timm
     if not name:
         raise ValueError("--robust-loss kernel needs --kernel-teacher: a timm model name, "
                          "e.g. vit_large_patch14_reg4_dinov2.lvd142m")
@@ -55,17 +56,14 @@ def teacher_input_size(name, image_size=None):
     resolution of timm's pretrained config for `name` (what VisionTeacher resolves from the built model)."""
     if image_size:
         return (image_size, image_size)
-    from timm.models import get_pretrained_cfg
     cfg = get_pretrained_cfg(name)
     if cfg is not None and cfg.input_size:
         return tuple(cfg.input_size[1:])
-    import timm
     return tuple(timm.data.resolve_data_config({}, model=create_timm_model(name, None))["input_size"][1:])
 
 
 def create_timm_model(name, image_size):
     """timm model with pooled outputs (num_classes=0); ViTs built for `image_size` where given."""
-    import timm
     if image_size is None:
         return timm.create_model(name, pretrained=False, num_classes=0)
     try:
@@ -78,7 +76,6 @@ def load_teacher_weights(model, name, path):
     """Strict load through timm's own checkpoint loader and the architecture's checkpoint filter,
     as timm's pretrained loading does (original DINOv2 checkpoints are converted, position
     embeddings resampled to the model's grid), minus the classifier the pooled model lacks."""
-    from timm.models import load_state_dict
     try:
         state = load_state_dict(path)
     except Exception as e:
@@ -109,7 +106,6 @@ class VisionTeacher(nn.Module):
 
     def __init__(self, name, path, student_mean, student_std, image_size=None):
         super().__init__()
-        import timm
         self.model = create_timm_model(name, image_size)
         load_teacher_weights(self.model, name, path)
         cfg = timm.data.resolve_data_config({}, model=self.model)
