@@ -107,8 +107,12 @@ class ReferenceBatch:
                               self.texts.to(device=device, non_blocking=True), self.keys, frozen)
 
 
+REFERENCE_KEY = "robust_reference"  # where a dict batch (upstream main's loaders yield dicts) holds it
+
+
 class WithReference:
-    """The train loader, each batch it yields extended by one reference batch as its last field.
+    """The train loader, each batch it yields extended by one reference batch: as its last field (a tuple
+    batch, upstream 3.x), or under REFERENCE_KEY (a dict batch, upstream main).
 
     The reference rides in the batch, so upstream's --accum-freq branch (which keeps each micro-batch
     for its gradient pass) hands a hook the same reference batch in both passes of a micro-batch.
@@ -129,7 +133,7 @@ class WithReference:
             if n == self.log_every:  # the reference's share of upstream's "Data (t)", logged before its step's
                 logging.info(f"openclip-robust: Reference data (t): {waited / n:.4f} over {n} batches")
                 waited, n = 0.0, 0
-            yield (*batch, reference)
+            yield {**batch, REFERENCE_KEY: reference} if isinstance(batch, dict) else (*batch, reference)
 
 
 def sample_stages(preprocess, tokenizer, handler):

@@ -1,10 +1,10 @@
-"""The reference stream: --ref-data-upsampling-factors weights '::' sources as upstream weights --train-data."""
+"""The reference stream: weighted '::' sources as upstream weights --train-data; the reference riding in the batch."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from openclip_robust.data.reference import ReferenceStream, readable_shards, source_weights
+from openclip_robust.data.reference import REFERENCE_KEY, ReferenceStream, WithReference, readable_shards, source_weights
 
 
 def test_factors_become_per_shard_weights_as_upstream():
@@ -34,3 +34,13 @@ def test_a_zero_factor_source_is_never_drawn_and_equal_factors_draw_both(ref_sha
     assert set(drawn_sources(spec, "1::0")) == {1}
     assert set(drawn_sources(spec, "0::1")) == {2}
     assert set(drawn_sources(spec, "1::1")) == {1, 2}
+
+
+def test_the_reference_rides_as_the_last_field_or_under_its_key():
+    stream = SimpleNamespace(next_batch=lambda: "ref", last_wait_s=0.0)
+    loader = WithReference(type("L", (), {"num_batches": 2, "num_samples": 4,
+                                          "__iter__": lambda self: iter([(1, 2), (3, 4, "k")])})(), stream, 0)
+    assert list(loader) == [(1, 2, "ref"), (3, 4, "k", "ref")] and loader.num_batches == 2
+    dicts = WithReference(type("L", (), {"num_batches": 1, "num_samples": 2,
+                                         "__iter__": lambda self: iter([{"image": 1, "text": 2}])})(), stream, 0)
+    assert list(dicts) == [{"image": 1, "text": 2, REFERENCE_KEY: "ref"}]
