@@ -2,6 +2,11 @@
 
 Each command is an entry of COMMANDS: name → (help, add_args(parser), run(args)). Commands only
 parse and call the module function; add new ones by adding an entry.
+
+Start-up stays light: only the chosen command's flags are built, and each command imports its module
+when it runs (here: every local import below). Together those modules load torch, open_clip,
+CLIP_benchmark, scikit-learn and matplotlib, about 10 s, which ``--help`` (0.1 s) or a usage error
+never needs; ``python -X importtime -m openclip_robust --help`` lists what start-up imports.
 """
 import argparse
 import json
@@ -97,10 +102,10 @@ def _eval_args(p):
 
 
 def _eval_run(a):
+    from openclip_robust.evaluation.report import markdown_table
     from openclip_robust.evaluation.suite import evaluate
     res = evaluate(_runs(a.run, a.model, a.pretrained), a.suite, a.out, a.device, a.batch_size, a.workers,
                    a.amp, a.rsa)
-    from openclip_robust.evaluation.report import markdown_table
     print(markdown_table(res))
 
 
@@ -184,9 +189,29 @@ def _demo_run(a):
     _print(write_demo_data(a.out))
 
 
-def _prompt_eval():
-    from openclip_robust.evaluation import prompt_modules as prompt_eval
-    return prompt_eval
+# -- evaluate-prompt ---------------------------------------------------------------------------------
+def _prompt_args(p):
+    p.add_argument("--prompt-module", required=True, help="prompt module file written by training (prompt_module.pt)")
+    p.add_argument("--model", required=True, help="original model A (open_clip name or local-dir:PATH)")
+    p.add_argument("--pretrained", default=None, help="A's weights (tag or file; ignored for local-dir:)")
+    p.add_argument("--checkpoint", default=None, help="optional training checkpoint loaded into A")
+    p.add_argument("--upgraded-model", required=True, help="upgraded model B with the same token space")
+    p.add_argument("--upgraded-pretrained", default=None, help="B's weights")
+    p.add_argument("--upgraded-checkpoint", default=None, help="optional training checkpoint loaded into B")
+    p.add_argument("--suite", required=True, help="suite JSON (format: the README's Evaluation section)")
+    p.add_argument("--out", default=None, help="folder for prompt_results.json")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+
+
+def _prompt_run(a):
+    from openclip_robust.evaluation import prompt_modules
+    result = prompt_modules.evaluate_prompt_module(a.prompt_module, a.model, a.pretrained, a.upgraded_model,
+                                                   a.upgraded_pretrained, a.suite, a.out, a.device, a.batch_size,
+                                                   a.workers, a.checkpoint, a.upgraded_checkpoint)
+    print(prompt_modules.table(result))
+    _print(result["datasets"]["average"])
 
 
 COMMANDS = {
@@ -201,20 +226,24 @@ COMMANDS = {
                       _cache_args, _cache_run),
     "report": ("table + plot from results.json files (mean ± std over seeds)", _report_args, _report_run),
     "evaluate-prompt": ("Base / New / H of a prompt module (coop, kgcoop, contcoop) in models A and B",
-                        lambda p: _prompt_eval().add_cli_args(p), lambda a: _prompt_eval().run_cli(a)),
+                        _prompt_args, _prompt_run),
     "demo-data": ("write the toolkit examples' inputs from embedded data (digits, photos, tiny model)",
                   _demo_args, _demo_run),
 }
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="openclip-robust", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)  # the parser's only positional
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # cache-teacher's flags live in teachers/cache.py, which imports torch
+            add_args(command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    import numpy
+    import numpy  # here: as the commands' modules (see the module docstring)
     import torch
     for dtype in (numpy.float32, numpy.float64):  # numpy's float limits, computed before denormals flush to 0
         numpy.finfo(dtype).smallest_subnormal

@@ -16,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from open_clip.hf_model import HFTextEncoder
+from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,8 +34,6 @@ class TextTower:
     """Runs a frozen text tower from token embeddings instead of token ids."""
 
     def __init__(self, model):
-        from open_clip.hf_model import HFTextEncoder
-        from open_clip.transformer import TextTransformer
         model = unwrap(model)
         text = getattr(model, "text", None)
         if isinstance(text, HFTextEncoder):
@@ -66,7 +66,6 @@ class TextTower:
             mask = (tokens != t.config.pad_token_id).long()
             out = t.transformer(inputs_embeds=embeds, attention_mask=mask)
             return t.proj(t.pooler(out, mask))
-        from open_clip.transformer import text_global_pool
         cast = t.transformer.get_cast_dtype()
         x = embeds.to(cast) + t.positional_embedding[:embeds.shape[1]].to(cast)
         attn_mask = t.attn_mask

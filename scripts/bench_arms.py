@@ -18,23 +18,28 @@ import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
+import open_clip
 import torch
+from open_clip import create_loss
+from open_clip.model import CLIP
+from open_clip_train.precision import get_autocast
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's openclip_robust
+
+from openclip_robust.demo.samples import TINY_CFG  # noqa: E402
+from openclip_robust.losses.dive import DiVELoss  # noqa: E402
+from openclip_robust.teachers.frozen import frozen_copy  # noqa: E402
 
 
 def build(name, device):
-    import open_clip
-    from open_clip.model import CLIP
-    from openclip_robust.demo.samples import TINY_CFG
     torch.manual_seed(0)
     model = CLIP(**TINY_CFG, output_dict=True) if name == "tiny" else open_clip.create_model(name, output_dict=True)
     return model.to(device)
 
 
 def loss_args(mode, precision):
-    from types import SimpleNamespace
     return SimpleNamespace(distill=False, siglip=False, local_loss=False, gather_with_grad=False, rank=0, world_size=1,
                            horovod=False, model="x", loss_dist_impl=None, dive_lambda=1.0, dive_alpha=0.0,
                            dive_terms="avl,pvl", dive_distance="vector", diff_precision=mode, precision=precision)
@@ -49,8 +54,6 @@ def batch(model, n, device, seed):
 
 
 def precision_check(model, frozen, ref, precision, device):
-    from openclip_robust.losses.dive import DiVELoss
-    from open_clip_train.precision import get_autocast
     out = {}
     for mode, prec in (("exact", "fp32"), ("fp32", precision), ("autocast", precision)):
         loss = DiVELoss(loss_args("fp32" if mode == "exact" else mode, prec))
@@ -76,10 +79,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    from open_clip import create_loss
-    from open_clip_train.precision import get_autocast
-    from openclip_robust.losses.dive import DiVELoss
-    from openclip_robust.teachers.frozen import frozen_copy
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as upstream's main() does

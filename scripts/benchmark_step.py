@@ -24,14 +24,26 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 
+import open_clip
+import torch
+from open_clip_train.precision import get_autocast
+from torch.utils.flop_counter import FlopCounterMode
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's openclip_robust
+
+from openclip_robust.data.shards import write_samples  # noqa: E402
+from openclip_robust.demo.samples import TINY_CFG, digits_samples, photo_samples  # noqa: E402
+from openclip_robust.launch import train  # noqa: E402
+from openclip_robust.losses import loss_names  # noqa: E402
+from openclip_robust.teachers.cache import build_cache, build_kernel_teacher_cache  # noqa: E402
 
 SMALL_CFG = {
     "embed_dim": 256,
@@ -68,9 +80,6 @@ REF_LINE = re.compile(r"Reference data \(t\): ([0-9.]+)")
 # -- setup: model folder, data, FLOPs ---------------------------------------------------------------
 def write_model(name, directory):
     """An open_clip local-dir: folder for `name` (tiny, small or an open_clip config), random init."""
-    import open_clip
-    import torch
-    from openclip_robust.demo.samples import TINY_CFG
     cfg = {"tiny": TINY_CFG, "small": SMALL_CFG}.get(name) or open_clip.get_model_config(name)
     if cfg is None:
         raise SystemExit(f"--model {name}: not tiny, small or an open_clip model config")
@@ -84,8 +93,6 @@ def write_model(name, directory):
 
 
 def write_data(directory, n_target, n_reference):
-    from openclip_robust.data.shards import write_samples
-    from openclip_robust.demo.samples import digits_samples, photo_samples
     digits = digits_samples(min(n_target, 1797))
     target = [digits[i % len(digits)] for i in range(n_target)]
     return (write_samples(os.path.join(directory, "target"), target, max(64, n_target // 4))["shards"],
@@ -95,9 +102,6 @@ def write_data(directory, n_target, n_reference):
 
 def tower_flops(model_spec):
     """Forward FLOPs of one image and one caption through each tower."""
-    import open_clip
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
     model = open_clip.create_model(model_spec).eval()
     size = model.visual.image_size
     size = size if isinstance(size, (tuple, list)) else (size, size)
@@ -146,10 +150,7 @@ def parse_steps(log_text):
 
 def worker(spec):
     """Run upstream's main() once and write step times and peak memory to spec['result']."""
-    import resource
-    import torch
     torch.set_flush_denormal(True)
-    from openclip_robust.launch import train
     cuda = torch.cuda.is_available()
     rss_before = current_rss_bytes()
     if cuda:
@@ -169,9 +170,6 @@ def worker(spec):
 
 def concat_worker(spec):
     """Student forward + backward: one call on target + reference vs two calls, alternating."""
-    import open_clip
-    import torch
-    from open_clip_train.precision import get_autocast
     torch.set_flush_denormal(True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = open_clip.create_model(spec["model"], device=device, precision=spec["precision"], output_dict=True)
@@ -377,9 +375,7 @@ def main(argv=None):
     if a.concat_worker:
         return concat_worker(json.loads(a.concat_worker))
 
-    import torch
     torch.set_flush_denormal(True)
-    from openclip_robust.losses import loss_names
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a.precision = a.precision or ("amp" if device == "cuda" else "fp32")
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -407,7 +403,6 @@ def main(argv=None):
               "kernel-teacher": os.path.join(a.out, "kernel_teacher_cache")}
     cache_s = {}
     for kind in sorted({VARIANTS[v][2] for v in variants} - {None}):
-        from openclip_robust.teachers.cache import build_cache, build_kernel_teacher_cache
         shutil.rmtree(caches[kind], ignore_errors=True)
         start = time.time()
         if kind == "reference":

@@ -1,4 +1,5 @@
 """The step benchmark runs end to end for 2 steps and writes its JSON and table (timings are not tested)."""
+import argparse
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import benchmark_step  # noqa: E402
 from benchmark_step import STEP_LINE, flop_bound, kernel_teacher_flags, parse_steps, train_argv  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -16,7 +18,6 @@ pytestmark = pytest.mark.slow
 
 def documented_command():
     """The command in benchmark_step.py's docstring (and docs/performance*.md), as an argv list."""
-    import benchmark_step
     line = next(ln.strip() for ln in benchmark_step.__doc__.splitlines() if ln.strip().startswith("python scripts/"))
     return line.split()
 
@@ -70,7 +71,6 @@ def test_flop_bound_counts_towers():
 
 
 def test_cached_variants_read_their_own_cache():
-    import argparse
     a = argparse.Namespace(batch_size=8, warmup=0, steps=2, workers=1, precision="fp32", ref_workers=1,
                            kernel_args="--kernel-teacher test_vit --kernel-teacher-pretrained /t.pth "
                                        "--kernel-teacher-image-size 48")

@@ -124,7 +124,25 @@ def test_wise_rsa_evaluate_report(demo, tmp_path, capsys):
 
 def test_module_entry_point_lists_every_toolkit_command():
     help_text = subprocess.run([sys.executable, "-m", "openclip_robust", "--help"], capture_output=True, text=True,
-                               check=True).stdout
+                               check=True, timeout=120).stdout
     for command in ("make-target-shards", "make-ref-shards", "check-ref-shards", "evaluate", "rsa", "wise", "report",
                     "demo-data"):
         assert command in help_text
+
+
+def test_help_imports_no_command_module():
+    """--help lists the commands without importing torch, open_clip or a command's module (start-up 0.1 s)."""
+    heavy = ["torch", "open_clip", "sklearn", "matplotlib", "openclip_robust.teachers.cache",
+             "openclip_robust.evaluation.suite", "openclip_robust.data.shards"]
+    code = ("import sys\nfrom openclip_robust.__main__ import main\ntry:\n    main(['--help'])\n"
+            f"except SystemExit:\n    print([m for m in {heavy!r} if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "cache-teacher" in out and out.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("command, flag", [("cache-teacher", "--kernel-teacher-pretrained"),
+                                           ("evaluate-prompt", "--upgraded-checkpoint"), ("rsa", "--pre-checkpoint")])
+def test_a_commands_help_shows_its_flags(command, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli([command, "--help"])
+    assert exit_.value.code == 0 and flag in capsys.readouterr().out

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from open_clip_train.data import expand_urls
 from PIL import Image
 from tqdm import tqdm
 
@@ -43,7 +45,6 @@ def read_lines(path):
 
 def default_templates():
     """open_clip's 80 OpenAI ImageNet templates as ``{c}`` strings (upstream stores them as lambdas)."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     return [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
@@ -311,7 +312,6 @@ def shard_list(spec):
     if os.path.isdir(spec):
         tars = sorted(Path(spec).glob("*.tar"), key=lambda p: (len(p.stem), p.stem))  # 2.tar before 10.tar
         return [str(p) for p in tars]
-    from open_clip_train.data import expand_urls
     return expand_urls(spec)[0]
 
 

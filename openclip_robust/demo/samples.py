@@ -10,6 +10,7 @@ the pipeline, not robustness: the real-data miniature of the paper is ``python -
 builds OUT/{model,target,reference} (once) and trains through ``open_clip_train.main``, printing
 the exact upstream command it ran.
 """
+import argparse
 import io
 import json
 import os
@@ -21,7 +22,9 @@ import time
 
 import numpy as np
 import torch
+from open_clip.model import CLIP
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from openclip_robust.data.shards import write_samples
 
@@ -46,16 +49,19 @@ def png_bytes(array):
     return buf.getvalue()
 
 
+def digit_image(scan):
+    """One of scikit-learn's 8x8 digit scans (values 0-16) as a 32x32 greyscale image, edges kept sharp."""
+    return Image.fromarray((scan * (255 / 16)).astype(np.uint8)).resize((32, 32), Image.NEAREST)
+
+
 def digits_samples(n, seed=0):
-    from sklearn.datasets import load_digits
     digits = load_digits()
     idx = random.Random(seed).sample(range(len(digits.target)), n)
     out = []
     for i in idx:
-        img = (digits.images[i] * (255 / 16)).astype(np.uint8)
-        img = np.array(Image.fromarray(img).resize((32, 32), Image.NEAREST))
         label = int(digits.target[i])
-        out.append({"png": png_bytes(img), "txt": f"a photo of the digit {DIGITS[label]}.", "cls": str(label)})
+        out.append({"png": png_bytes(np.array(digit_image(digits.images[i]))),
+                    "txt": f"a photo of the digit {DIGITS[label]}.", "cls": str(label)})
     return out
 
 
@@ -89,10 +95,9 @@ def photo_samples(n):
 def raw_data(out_dir):
     """The toolkit examples' raw inputs: digits as ImageFolders (train, val, and val inverted: an OOD
     shift), the photos as files plus a path<TAB>caption TSV, and an evaluation suite over them."""
-    from sklearn.datasets import load_digits
     digits = load_digits()
     for i, (image, label) in enumerate(zip(digits.images, digits.target)):
-        img = Image.fromarray((image * (255 / 16)).astype(np.uint8)).resize((32, 32), Image.NEAREST)
+        img = digit_image(image)
         split = "train" if i < 1200 else "val"
         for folder, picture in ((f"digits_{split}", img), ("digits_inverted", Image.eval(img, lambda v: 255 - v))):
             if folder == "digits_inverted" and split == "train":
@@ -115,8 +120,9 @@ def raw_data(out_dir):
 
 
 def tiny_model(directory, seed=0):
-    """Write an open_clip `local-dir:` folder (config + weights) of a tiny ViT CLIP."""
-    from open_clip.model import CLIP  # what create_model builds from this config, minus its "no weights" warning
+    """Write an open_clip `local-dir:` folder (config + weights) of a tiny ViT CLIP.
+
+    CLIP(**TINY_CFG) is what create_model builds from this config, minus its "no weights" warning."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "open_clip_config.json"), "w") as f:
         json.dump({"model_cfg": TINY_CFG, "preprocess_cfg": {}}, f)
@@ -133,7 +139,6 @@ def build(out_dir, n_target=256, n_reference=192):
 
 
 def main(argv=None):
-    import argparse
     ap = argparse.ArgumentParser(description="tiny robust fine-tuning run on embedded real data")
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--robust-loss", default="dive")

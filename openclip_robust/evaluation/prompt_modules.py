@@ -101,27 +101,3 @@ def table(result, method="module"):
         for i, (row, zs, mod) in enumerate((("Base", "zs_A", "base"), ("New", "zs_B", "new"), ("H", "zs_H", "H"))):
             lines.append(f"| {name if i == 0 else ''} | {row} | {r[zs]:.2f} | {r[mod]:.2f} |")
     return "\n".join(lines)
-
-
-# -- CLI (an entry of openclip_robust/__main__.py's COMMANDS) ------------------------------------------
-def add_cli_args(p):
-    p.add_argument("--prompt-module", required=True, help="prompt module file written by training (prompt_module.pt)")
-    p.add_argument("--model", required=True, help="original model A (open_clip name or local-dir:PATH)")
-    p.add_argument("--pretrained", default=None, help="A's weights (tag or file; ignored for local-dir:)")
-    p.add_argument("--checkpoint", default=None, help="optional training checkpoint loaded into A")
-    p.add_argument("--upgraded-model", required=True, help="upgraded model B with the same token space")
-    p.add_argument("--upgraded-pretrained", default=None, help="B's weights")
-    p.add_argument("--upgraded-checkpoint", default=None, help="optional training checkpoint loaded into B")
-    p.add_argument("--suite", required=True, help="suite JSON (format: the README's Evaluation section)")
-    p.add_argument("--out", default=None, help="folder for prompt_results.json")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
-
-
-def run_cli(a):
-    result = evaluate_prompt_module(a.prompt_module, a.model, a.pretrained, a.upgraded_model, a.upgraded_pretrained,
-                                    a.suite, a.out, a.device, a.batch_size, a.workers, a.checkpoint,
-                                    a.upgraded_checkpoint)
-    print(table(result))
-    print(json.dumps(result["datasets"]["average"], indent=1))

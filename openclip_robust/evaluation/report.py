@@ -16,6 +16,8 @@ import os
 import statistics
 from pathlib import Path
 
+from matplotlib.figure import Figure  # not pyplot: no backend or global figure state (Figure renders PNG itself)
+
 # The paper's columns first (DiVE Tables 1-3), retrieval (not in the paper) last.
 COLUMNS = (("id", "ID"), ("ood", "OOD avg"), ("zeroshot", "ZS avg"), ("rsa", "RSA"), ("retrieval", "Retrieval"))
 
@@ -82,13 +84,11 @@ def markdown_table(results):
 
 def plot(results, path):
     """Grouped bars per method (ID, OOD, ZS, RSA, retrieval if any), error bars = std over runs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     summary = summarize(results["runs"])
     keys = [(k, t) for k, t in COLUMNS if any(k in cols for _, _, cols in summary)]
     width = 0.8 / max(1, len(keys))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(summary) * max(1, len(keys)) / 2.5), 3.5))
+    fig = Figure(figsize=(max(4.0, 1.2 * len(summary) * max(1, len(keys)) / 2.5), 3.5))
+    ax = fig.subplots()
     for j, (key, title) in enumerate(keys):
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(summary))]
         means = [cols[key][0] if key in cols else math.nan for _, _, cols in summary]  # nan: no bar
@@ -101,7 +101,6 @@ def plot(results, path):
     ax.legend(fontsize="small", ncol=max(1, len(keys)), loc="upper center", bbox_to_anchor=(0.5, 1.18))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def attach_rsa(results, rsa):

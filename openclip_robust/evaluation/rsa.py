@@ -22,6 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from openclip_robust.evaluation.suite import (DatasetSpec, embed_images_texts, first_caption_rows, load_model,
+                                              resolve_dataset)
+
 
 def _pair_stats(x, y):
     """(n, mean_x, mean_y, Sxx, Syy, Sxy) of two equal-size float tensors, in float64; None if empty."""
@@ -94,7 +97,6 @@ def embed_pairs(model, preprocess, tokenizer, data, max_samples=8000, batch_size
 
     data: shards, a CLIP_benchmark retrieval folder or a folder of x.jpg + x.txt (see evaluation).
     """
-    from openclip_robust.evaluation.suite import DatasetSpec, embed_images_texts, first_caption_rows, resolve_dataset
     spec = DatasetSpec(name=str(data), role="retrieval", path=str(data), max_samples=max_samples)
     images, texts, index = embed_images_texts(model, tokenizer, spec, resolve_dataset(spec), preprocess, device,
                                               batch_size, workers)
@@ -107,7 +109,6 @@ def rsa_runs(pre, runs, data, max_samples=8000, batch_size=64, device="cpu", wor
     pre, runs: evaluation.Run (model name, checkpoint, pretrained). Returns {run name: {"image",
     "text", "joint"}}, with the pre-trained run itself at 1.0 by definition.
     """
-    from openclip_robust.evaluation.suite import load_model
 
     def embed(run):
         model, preprocess, tokenizer = load_model(run.model, run.checkpoint, run.pretrained, device)

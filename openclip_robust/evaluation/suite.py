@@ -43,13 +43,19 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
+import webdataset as wds
+from clip_benchmark.metrics.zeroshot_classification import accuracy, run_classification, zero_shot_classifier
+from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from PIL import Image
+from sklearn.metrics import balanced_accuracy_score, f1_score
 from tqdm import tqdm
 
 from openclip_robust.data import shards as sh
 from openclip_robust.data.shard_format import image_of, is_local
+from openclip_robust.evaluation import report
 
 ROLES = ("id", "ood", "zeroshot", "retrieval")
 CLASSIFICATION_METRICS = ("top1", "top5", "balanced_acc", "macro_f1")
@@ -209,7 +215,6 @@ def _collate(batch):
 def batches(spec, source, preprocess, batch_size=64, workers=0):
     """Yield (images, targets, skipped names) batches; targets are class indices or caption strings."""
     if source["kind"] == "wds":
-        import webdataset as wds
         target_key = "txt" if spec.role == "retrieval" else "cls"
         data = wds.DataPipeline(wds.SimpleShardList(source["urls"]), wds.split_by_worker,
                                 wds.tarfile_to_samples(), wds.map(_wds_sample(preprocess, target_key)))
@@ -237,7 +242,6 @@ def load_model(model_name, checkpoint=None, pretrained=None, device="cpu"):
     with or without ``module.``, or a bare state dict) is loaded into it with open_clip's
     ``load_checkpoint``. No checkpoint: the base weights (``local-dir:`` folders carry their own).
     """
-    import open_clip
     if checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
@@ -257,8 +261,6 @@ def load_model(model_name, checkpoint=None, pretrained=None, device="cpu"):
 # -- metric layer (features in, numbers out) ---------------------------------------------------------
 def classification_metrics(logits, targets, metrics=("top1",)):
     """Metrics from logits [N, C] and integer targets [N] (CLIP_benchmark's accuracy, scikit-learn's scores)."""
-    from clip_benchmark.metrics.zeroshot_classification import accuracy
-    from sklearn.metrics import balanced_accuracy_score, f1_score
     targets = torch.as_tensor(targets)
     pred = logits.argmax(dim=1)
     out = {"top1": accuracy(logits, targets, topk=(1,))[0]}
@@ -277,7 +279,6 @@ def retrieval_metrics(image_emb, text_emb, text_image_index, ks=(1, 5)):
     A query counts as a hit when any of its positives is in the top k (CLIP_benchmark's convention);
     k is capped at the number of candidates.
     """
-    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
     scores = text_emb @ image_emb.T  # [texts, images]
     positives = torch.zeros_like(scores, dtype=torch.bool)
     positives[torch.arange(len(scores)), torch.as_tensor(text_image_index)] = True
@@ -293,7 +294,6 @@ def retrieval_metrics(image_emb, text_emb, text_image_index, ks=(1, 5)):
 
 def zeroshot_head(model, tokenizer, classnames, templates, device="cpu", amp=False):
     """[d, C] prompt-ensembled head: mean of normalised text embeddings over templates, renormalised."""
-    from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
     return zero_shot_classifier(model, tokenizer, list(classnames), list(templates), torch.device(device).type, amp)
 
 
@@ -336,7 +336,6 @@ def evaluate_dataset(model, preprocess, tokenizer, spec, device="cpu", batch_siz
     embeddings: optional dict; a retrieval dataset stores its (image [N, d], first caption [N, d])
     embeddings there under its name, the pairs RSA compares (rsa.embed_pairs), so one pass gives both.
     """
-    from clip_benchmark.metrics.zeroshot_classification import run_classification
     source = resolve_dataset(spec)
     logging.info(f"dataset '{spec.name}' ({spec.role}, {spec.path})")
     if spec.role == "retrieval":
@@ -459,7 +458,6 @@ def evaluate(runs, suite, out_dir=None, device="cpu", batch_size=64, workers=0, 
     rsa: optional {run name or method: joint score | {"image", "text", "joint"}} or a JSON file of it
     (as written by ``python -m openclip_robust rsa``); fills the RSA column.
     """
-    from openclip_robust.evaluation import report
     specs = load_suite(suite)
     for s in specs:  # fail on a bad suite before loading any model
         resolve_dataset(s)

@@ -13,6 +13,8 @@ import os
 import torch
 from tqdm import tqdm
 
+from openclip_robust.evaluation.suite import evaluate_model, load_model
+
 
 def read_state_dict(path):
     """State dict of a checkpoint file: ``{"state_dict": ...}`` or a bare one; ``module.`` stripped."""
@@ -53,7 +55,6 @@ def wise_ft(model_name, finetuned, alphas, out=None, suite=None, pretrained=None
     mean headline score of its ``id`` datasets picks a; ties keep the earlier a). Writes `out` if
     given. Returns {"alpha", "id_scores": {a: score}, "path", "state_dict"}.
     """
-    from openclip_robust.evaluation.suite import evaluate_model, load_model
     alphas = [float(a) for a in alphas]
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
         raise ValueError(f"alphas must be in [0, 1], got {alphas}")

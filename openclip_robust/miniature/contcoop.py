@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from sklearn.linear_model import LogisticRegression
 
 from openclip_robust.data import shards as sh
 from openclip_robust.evaluation.prompt_modules import evaluate_prompt_modules, harmonic
@@ -147,7 +148,6 @@ def image_features(model_dir, data_dir, workers=0):
 
 def linear_probe(model_a, model_b, train_dir, test_dir, shots, seeds):
     """LP on A's features of the K-shot sample each prompt run draws (one per seed); [A top-1, B top-1] per seed."""
-    from sklearn.linear_model import LogisticRegression  # here: scikit-learn's import (~1 s) only for the probe
     rows = scan_classes(sh.shard_list(str(train_dir)))
     names = sh.read_lines(Path(train_dir) / "classnames.txt")
     x, y = image_features(model_a, train_dir)  # same shard order as scan_classes (both read the tars in order)

@@ -8,16 +8,21 @@ chosen on the ID *validation* split.
 import json
 import logging
 import os
+import random
 import shlex
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from openclip_robust.data import shards as sh
+from openclip_robust.evaluation import report
+from openclip_robust.evaluation.rsa import rsa_scores
+from openclip_robust.evaluation.suite import Run, evaluate_model, load_model
+from openclip_robust.evaluation.wise import wise_ft
 from openclip_robust.miniature import assets, data as md
 from openclip_robust.miniature.cache import cached, params_key
 from openclip_robust.launch import train as train_upstream
@@ -117,7 +122,6 @@ def build_data(out, cfg, clipart_dir):
     if cfg.zeroshot_per_class:
         splits["zeroshot"] = md.cap_per_category(splits["zeroshot"], cfg.zeroshot_per_class, cfg.seed)
     n_zs = max(0, cfg.retrieval_pairs - len(splits["heldout_pairs"]))
-    import random
     retrieval = splits["heldout_pairs"][:cfg.retrieval_pairs] + random.Random(cfg.seed).sample(
         splits["zeroshot"], min(n_zs, len(splits["zeroshot"])))
     needed = sorted({rel for split in [*splits.values(), retrieval] for rel, _, _ in split})
@@ -206,7 +210,6 @@ def finetune(out, cfg, model_dir, data_dir, method_args, seed):
 # -- evaluation ------------------------------------------------------------------------------------
 def _evaluate_run(run, suite, out_dir, roles):
     """In a child: metrics.json of one Run, and embeddings.pt of its retrieval pairs (for RSA)."""
-    from openclip_robust.evaluation.suite import evaluate_model, load_model
     model, preprocess, tokenizer = load_model(run.model, run.checkpoint, run.pretrained)
     embeddings = {}
     res = evaluate_model(model, preprocess, tokenizer, suite, batch_size=128, roles=roles, embeddings=embeddings)
@@ -227,7 +230,6 @@ def evaluate_run(cache_root, stage, run, suite="suite.json", roles=None, rebuild
 
 def _wise(model_name, finetuned, alpha, dst):
     """In a child: the WiSE-FT interpolation of `finetuned`, written to `dst` only once complete."""
-    from openclip_robust.evaluation.wise import wise_ft
     tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
     wise_ft(model_name, finetuned, [alpha], out=str(tmp))
     tmp.rename(dst)
@@ -290,11 +292,6 @@ DIVE_VARIANTS = {"dive": "avl,pvl", "dive-avl": "avl", "dive-pvl": "pvl"}
 
 
 def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None):
-    from concurrent.futures import FIRST_EXCEPTION, wait
-
-    from openclip_robust.evaluation import report
-    from openclip_robust.evaluation.suite import Run
-    from openclip_robust.evaluation.rsa import rsa_scores
     torch.set_flush_denormal(True)  # this process builds the data and model A with every core; jobs: jobs.py
     t0 = time.time()
     out = Path(out)

@@ -17,6 +17,8 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
+import torch
+
 PRELOAD = ["torch", "open_clip_train.main", "openclip_robust.plugin", "openclip_robust.evaluation.suite",
            "clip_benchmark.metrics.zeroshot_classification", "sklearn.metrics", "openclip_robust.miniature.jobs"]
 
@@ -35,7 +37,6 @@ def _child(log, fn, args):
     # a forkserver child inherits 'forkserver' as its start method; upstream's loader workers expect a fresh
     # process's default (their dataset holds lambdas, which only 'fork' can pass)
     multiprocessing.set_start_method(None, force=True)
-    import torch
     torch.set_flush_denormal(True)  # without it CPU steps run several times slower
     torch.set_num_threads(1)
     try:

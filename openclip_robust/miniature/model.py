@@ -11,10 +11,13 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from openclip_robust.miniature import assets
 
@@ -29,7 +32,6 @@ def text_tower_without_dropout(folder):
     noise: ‖v‖ = 0.36 at step 0, before any update (the paper's CLIP has no dropout). The frozen copy
     runs in eval mode, so only DiVE/SnD-style differences were affected, not inference.
     """
-    import shutil
     folder = Path(folder).resolve()
     if (folder / "config.json").exists():
         return str(folder)
@@ -64,7 +66,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def write_config(directory, cfg):
     """open_clip_config.json + the tokenizer files (open_clip reads a local-dir model's tokenizer from it)."""
-    import shutil
     os.makedirs(directory, exist_ok=True)
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(cfg["text_cfg"]["hf_tokenizer_name"], name), directory)
@@ -92,7 +93,6 @@ def load_efficientnet(trunk, path):
 
 def build_towers(directory, image_size, text_dir=None):
     """Write the config and return (model with pretrained towers, random heads; preprocess; tokenizer)."""
-    import open_clip
     write_config(directory, model_cfg(image_size, text_dir=text_dir))
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{directory}")
     load_efficientnet(model.visual.trunk, assets.efficientnet_weights())
@@ -116,7 +116,6 @@ def _projection_inputs(model, fn):
 @torch.no_grad()
 def tower_features(model, preprocess, tokenizer, pairs, batch_size=128):
     """(image features [N, 1280], text features [N, 384]) of (image path, caption) pairs."""
-    from PIL import Image
     images, texts = [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from openclip_robust.demo.samples import photo_samples
 from openclip_robust.evaluation import rsa
+from openclip_robust.evaluation.suite import Run, evaluate_model, load_model
 
 
 def embeddings(m=40, d=12, seed=0):
@@ -94,8 +96,6 @@ def test_bad_input(caplog):
 @pytest.fixture
 def photo_runs(tmp_path, tiny_model_dir):
     """A folder of real photos (x.png + x.txt, every third with a second caption line) and three Runs."""
-    from openclip_robust.evaluation.suite import Run
-    from openclip_robust.demo.samples import photo_samples
     (tmp_path / "photos").mkdir()
     for i, sample in enumerate(photo_samples(40)):
         (tmp_path / "photos" / f"{i}.png").write_bytes(sample["png"])
@@ -120,7 +120,6 @@ def test_rsa_runs_on_a_real_model_and_image_caption_folder(photo_runs):
 
 def test_one_evaluation_pass_gives_rsa_runs_scores(photo_runs):
     """evaluate_model(embeddings=...) keeps the retrieval pairs RSA needs: the same scores, no second pass."""
-    from openclip_robust.evaluation.suite import evaluate_model, load_model
     photos, (pre, _, moved) = photo_runs
     suite = {"datasets": [{"name": "photos", "role": "retrieval", "path": str(photos), "max_samples": 30}]}
     kept = {}

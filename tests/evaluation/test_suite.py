@@ -3,6 +3,7 @@ import io
 import json
 import logging
 import math
+import struct
 
 import numpy as np
 import open_clip
@@ -10,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from open_clip.model import CLIP
 from PIL import Image
 
+from openclip_robust.demo.samples import TINY_CFG
 from openclip_robust.evaluation import suite as ev
 from openclip_robust.evaluation import report
 from openclip_robust.data import shards
@@ -119,8 +122,6 @@ def test_head_is_prompt_ensembled_from_the_models_own_text_tower(tiny):
     head = ev.zeroshot_head(clip, tokenizer, NAMES, TEMPLATES)
     by_hand = torch.stack([class_embedding(clip, tokenizer, n, TEMPLATES) for n in NAMES], dim=1)
     assert head.shape == (32, 3) and torch.allclose(head, by_hand, atol=1e-6)
-    from open_clip.model import CLIP
-    from openclip_robust.demo.samples import TINY_CFG
     moved = CLIP(**TINY_CFG).eval()  # another checkpoint: a different text tower gives a different head
     g = torch.Generator().manual_seed(0)
     moved.load_state_dict({k: v + 0.1 * torch.randn(v.shape, generator=g) if k == "text_projection" else v
@@ -242,7 +243,9 @@ def test_markdown_table_in_the_papers_layout_and_plot(tmp_path):
     # two seeds: mean ± sample std, (0.8, 0.6) -> 70.0 ± 14.1, (0.3, 0.1) -> 20.0 ± 14.1
     assert table[3] == f"| flyp | 2 | 70.0 ± {100 * math.sqrt(0.02):.1f} | 50.0 ± 0.0 | 20.0 ± 14.1 | 0.800 ± 0.000 |"
     assert "| flyp | 70.0 ± 14.1 |" in table
-    assert (tmp_path / "out" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "out" / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (480, 420)  # IHDR width, height: 4 x 3.5 inches at 120 dpi
     assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"][1]["rsa"]["joint"] == 0.8
     assert set(paths) == {"json", "md", "png"}
 

