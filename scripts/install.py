@@ -208,6 +208,16 @@ def find_archive(pin, sources):
         f"is in none of {where}. Put it there, or pass a source tree or archive at that commit as --upstream PATH.")
 
 
+def pinned_file(pin, sources=DEFAULT_SOURCES, cache=ROOT / ".cache" / "upstream"):
+    """Where a line's pinned source file lies here (release: set-up's download cache)."""
+    if pin["line"] == DEFAULT_LINE:
+        path = Path(cache) / pin["sdist"]
+        if not path.exists():
+            raise SetupError(f"{path} not found: run set-up once (it downloads the pinned sdist there)")
+        return path
+    return find_archive(pin, sources)
+
+
 def unpack(archive, dest):
     """Unpack a .tar.gz holding one top folder; return that folder."""
     with tarfile.open(archive) as tar:
