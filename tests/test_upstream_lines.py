@@ -3,6 +3,8 @@ No network: nothing here downloads or installs (the one install.main call fails 
 import importlib.util
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -129,3 +131,41 @@ def test_the_snapshots_are_recognised_as_their_line(tmp_path, line, name):
     shutil.copytree(tree, tmp_path / "checkout")
     (tmp_path / "checkout" / "docs").mkdir()
     assert install.identify_source(tmp_path / "checkout", pins)["line"] == line
+
+
+def test_the_entry_point_gives_the_installed_line_a_plugin_its_spec_accepts():
+    from importlib.metadata import entry_points
+    from open_clip_train import plugins as spec
+    ep = next(e for e in entry_points(group="open_clip_train.plugins") if e.name == "robust")
+    plugin = ep.load()()
+    spec.PluginManager({"robust": plugin})  # raises TypeError if a public method is not a hook of this line
+    hooks = {a for a in dir(plugin) if not a.startswith("_")}
+    assert ("create_task" in hooks) == ("create_task" in spec.HOOKS)  # main: a task; 3.x: loop hooks
+    assert ("step_inputs" in hooks) == ("step_inputs" in spec.HOOKS)
+
+
+def check_upstream(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "check_upstream.py"), "--offline", *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_check_upstream_reports_every_line_and_patch(tmp_path):
+    snapshot("open_clip-main-89fb801.tar.gz")
+    sources = next(d for d in SNAPSHOTS if (d / "open_clip-main-89fb801.tar.gz").is_file())
+    pinned_sdist = ROOT / ".cache" / "upstream" / "open_clip_torch-3.3.0.tar.gz"
+    if not pinned_sdist.exists():
+        pytest.skip("the pinned release sdist is not in .cache/upstream (set-up downloads it)")
+    out = check_upstream("--sources", str(sources))
+    assert out.returncode == 0, out.stdout + out.stderr
+    heads = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert [h.split("]")[0] for h in heads] == ["[release", "[v3", "[main"]
+    assert out.stdout.count(": applies") == 9
+    crossed = check_upstream("--sources", str(sources), "--line", "main", "--series", "3.x")
+    assert crossed.returncode == 1
+    assert "3.x/0001-plugin-hooks.patch: DOES NOT APPLY (7 of 10 hunks in src/open_clip_train/main.py, " \
+           "9 of 9 hunks in src/open_clip_train/train.py failed)" in crossed.stdout
+    missing = check_upstream("--sources", str(tmp_path), "--line", "v3")
+    assert missing.returncode == 1 and "[v3] open_clip 3.3.0 @ 92433b5: NOT CHECKED: --upstream v3: " \
+                                       "open_clip-v3-92433b5.tar.gz" in missing.stdout
+    unknown = check_upstream("--line", "nightly")
+    assert unknown.returncode == 2 and "--line nightly: not a line of upstream_pin.txt" in unknown.stderr
