@@ -217,3 +217,24 @@ def test_two_processes_ddp_and_fsdp2_agree(tmp_path, tiny_model_dir, target_shar
                                                        str(logs / "fsdp" / "checkpoints" / "epoch_1"), **kw), nproc=2)
     torch.testing.assert_close(resumed.state(0)["loss"]["_extra_state"]["m"], m["fsdp", 0], rtol=1e-4, atol=1e-7)
     assert resumed.logged("Dive_avl") == pytest.approx(fsdp.logged("Dive_avl")[1:], rel=1e-3)
+
+
+def test_resume_restores_the_prompt_module(tmp_path, tiny_model_dir, digits_dir, ref_shards, teacher_file):
+    """contcoop, 20 shots in one batch per epoch: 2 epochs straight == 1 epoch + --resume, so the prompt module
+    came back from the checkpoint's plugin state (a fresh module would diverge)."""
+    logs = tmp_path / "logs"
+    common = method_args("contcoop", ref_shards, teacher_file)
+    kw = dict(batch=20, samples=64)
+    straight = run(tmp_path, "straight", train_args(logs, "straight", tiny_model_dir, digits_dir, *common,
+                                                    epochs=2, **kw))
+    run(tmp_path, "first", train_args(logs, "first", tiny_model_dir, digits_dir, *common, epochs=1, **kw))
+    resumed = run(tmp_path, "resumed", train_args(logs, "resumed", tiny_model_dir, digits_dir, *common, "--resume",
+                                                  str(logs / "first" / "checkpoints" / "epoch_1.pt"), epochs=2, **kw))
+    a, b = straight.ckpt(2)["plugins"]["robust"]["loss"], resumed.ckpt(2)["plugins"]["robust"]["loss"]
+    first = Run(logs, "first", tmp_path / "first-worker").ckpt(1)["plugins"]["robust"]["loss"]
+    tensors = [k for k, v in a.items() if torch.is_tensor(v) and v.is_floating_point()]
+    assert tensors and set(a) == set(b)
+    for key in tensors:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a[k], first[k]) for k in tensors)  # the second epoch moved the module
+    assert resumed.logged("Prompt_ce") == pytest.approx(straight.logged("Prompt_ce")[1:], rel=1e-4)
