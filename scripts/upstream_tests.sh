@@ -18,7 +18,10 @@ cd "$(dirname "$0")/.."
 PY="$(cd "${VENV:-.venv}" && pwd)/bin/python"
 LINE="$("$PY" -c 'from open_clip_train._patch_digest import LINE; print(LINE)' 2>/dev/null || echo release)"
 SRC="$("$PY" -c 'import sys; sys.path.insert(0, "scripts"); import install
-print(install.pinned_file(install.read_pin(line=sys.argv[1])))' "$LINE")"
+try:
+    print(install.pinned_file(install.read_pin(line=sys.argv[1])))
+except install.SetupError as e:
+    sys.exit(f"upstream_tests.sh: {e}")' "$LINE")"
 DEST=".cache/upstream/tests-$LINE"
 SELECT=(tests/test_wds.py tests/test_training_simple.py::test_training)
 if [ "$LINE" = "main" ]; then
