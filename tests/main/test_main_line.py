@@ -238,3 +238,14 @@ def test_resume_restores_the_prompt_module(tmp_path, tiny_model_dir, digits_dir,
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(a[k], first[k]) for k in tensors)  # the second epoch moved the module
     assert resumed.logged("Prompt_ce") == pytest.approx(straight.logged("Prompt_ce")[1:], rel=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--distill-model", "ViT-B-32", "--distill-pretrained", "x"], "--robust-loss and --distill-model each replace"),
+    (["--model", "coca_ViT-B-32"], "--model coca_ViT-B-32 has its own task upstream"),
+])
+def test_combinations_main_cannot_run_are_refused_before_training(tmp_path, target_shards, extra, message):
+    argv = ["--train-data", target_shards, "--robust-loss", "flyp", "--logs-dir", str(tmp_path), *extra]
+    proc = subprocess.run([str(PYTHON), "-m", "open_clip_train.main", *argv], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
