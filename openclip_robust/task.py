@@ -4,16 +4,16 @@ On main the loop calls ``task(batch) -> (losses, report)``. With ``--robust-loss
 the plugins for the task (``create_task`` hook), and gets a :class:`RobustTask`: the model is its
 ``trainable_module`` (the only part DDP / FSDP2 wrap and the checkpoint saves as ``state_dict``); the frozen
 model and the method (its teachers, prompt modules, DiVE's m) sit beside it, like ``DistillCLIPTask``'s
-teacher. The reference batch is drawn by the ``batch_inputs`` hook and reaches the task inside the batch
-(under ``REFERENCE_KEY``), so every micro-step of --accum-freq and a compiled step see it as an input.
+teacher. The reference batch rides in the loader's batch (``data.reference.WithReference`` puts it under
+``REFERENCE_KEY``, as on 3.x it is the batch's last field), so every micro-step of --accum-freq and a compiled
+step see it as an input, and upstream's data time includes it.
 The method code is shared with the 3.x line: this adapter calls :class:`RobustPlugin` and the
 ``RobustLoss`` contract (``step_inputs`` -> ``forward`` -> ``on_optimizer_step``) as they are.
 """
-import torch
-from open_clip import get_input_dtype
 from open_clip.task import CLIPTask
 
-from openclip_robust.plugin import REFERENCE_KEY, RobustPlugin
+from openclip_robust.data.reference import REFERENCE_KEY
+from openclip_robust.plugin import RobustPlugin
 
 FIELDS_KEY = "robust_fields"  # a plugin loader's fields after (images, texts), e.g. the sample keys
 # models whose task is not CLIPTask-like (image, text -> features): upstream builds their own tasks
@@ -59,8 +59,10 @@ class RobustTask(CLIPTask):
     def _step_inputs(self, batch):
         images, texts = batch["image"], batch["text"]
         fields = (images, texts, *batch.get(FIELDS_KEY, ()))  # the loader's batch as the 3.x loop yields it
-        return self.loss.step_inputs(self.trainable_module, self.frozen, images, texts, batch.get(REFERENCE_KEY),
-                                     batch=fields)
+        reference = batch.get(REFERENCE_KEY)  # prepare_batch leaves it on the host: it is no tensor
+        if reference is not None:
+            reference = reference.to(images.device, images.dtype)
+        return self.loss.step_inputs(self.trainable_module, self.frozen, images, texts, reference, batch=fields)
 
     @staticmethod
     def _total(losses):
@@ -123,12 +125,6 @@ class RobustTaskPlugin:
 
     def on_train_epoch_start(self, args, task, data, epoch):
         self._robust.on_train_epoch_start(args=args, model=task.trainable_module, data=data, epoch=epoch)
-
-    def batch_inputs(self, args, batch):
-        if self._robust.reference is None:
-            return {}
-        reference = self._robust.reference.next_batch(torch.device(args.device), get_input_dtype(args.precision))
-        return {REFERENCE_KEY: reference}
 
     def on_optimizer_step(self, args, task, step):
         self._robust.on_optimizer_step(args=args, model=task, step=step)

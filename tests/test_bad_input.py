@@ -160,3 +160,18 @@ def test_setup_refuses_a_non_pinned_upstream(tmp_path, capsys):
         install.verify_sdist(tampered, pin)
     assert install.main(["--sdist", str(other), "--python", "/nonexistent/python"]) == 2
     assert "set-up error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"random bytes" * 300, "truncated"])
+def test_setup_names_an_unreadable_sdist(tmp_path, capsys, content):
+    install = load_installer()
+    sdist = tmp_path / "open_clip_torch-3.3.0.tar.gz"
+    if content == "truncated":
+        whole = fake_sdist(tmp_path / "whole.tar.gz", "3.3.0").read_bytes()
+        sdist.write_bytes(whole[: len(whole) // 2])
+    elif content is not None:
+        sdist.write_bytes(content)
+    assert install.main(["--sdist", str(sdist), "--python", "/nonexistent/python"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"set-up error: {sdist}: ") and len(err.splitlines()) == 1
+    assert ("no such file" if content is None else "not a readable .tar.gz") in err

