@@ -36,7 +36,8 @@ class DataError(RuntimeError):
 def add_args(group):
     group.add_argument("--data-failure-limit", type=int, default=200, metavar="N",
                        help="stop the run when this many consecutive samples or shards of the reference "
-                            "stream fail to read, decode or hold their image and caption (default 200).")
+                            "stream (and of the kernel method's image-only --train-data) fail to read, decode or "
+                            "hold their image and caption (default 200).")
     group.add_argument("--data-probe-timeout", type=float, default=120.0, metavar="S",
                        help="seconds each rank may take, before step 1, to read and decode a few samples of "
                             "the reference and target data (default 120); nothing in time is an error.")
