@@ -16,6 +16,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from openclip_robust.checks import require
 from openclip_robust.distributed import is_distributed
 
 CAUSES = ("usual causes: a learning rate too high (--lr), a loss weight too large, or fp16 overflow "
@@ -33,8 +34,7 @@ def add_args(group):
 
 
 def validate_args(args):
-    if args.nonfinite_skip_limit < 0:
-        raise ValueError(f"--nonfinite-skip-limit {args.nonfinite_skip_limit}: must be >= 0")
+    require(args, "nonfinite_skip_limit", low=0)
 
 
 def any_rank(flags):

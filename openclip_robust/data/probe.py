@@ -22,6 +22,7 @@ import torch.distributed as dist
 import webdataset as wds
 from open_clip_train.data import tarfile_to_samples_nothrow
 
+from openclip_robust.checks import require
 from openclip_robust.data.shard_format import IMAGE_EXTS, has_image
 
 CAPTION_MISSING_MAX = 0.10  # share of probed samples (with an image) that may lack the caption; more: an error
@@ -44,10 +45,8 @@ def add_args(group):
 
 
 def validate_args(args):
-    if args.data_failure_limit < 1:
-        raise ValueError(f"--data-failure-limit {args.data_failure_limit}: must be >= 1")
-    if not args.data_probe_timeout > 0:
-        raise ValueError(f"--data-probe-timeout {args.data_probe_timeout}: must be > 0")
+    require(args, "data_failure_limit", low=1)
+    require(args, "data_probe_timeout", low=0, low_open=True)
 
 
 def describe(exn):

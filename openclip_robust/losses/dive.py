@@ -12,7 +12,7 @@ import torch
 from openclip_robust.distributed import all_reduce_mean
 from openclip_robust import precise
 from openclip_robust.losses.base import RobustLoss, fp32, frozen_reference_features, sq_dist
-from openclip_robust.losses.checks import require
+from openclip_robust.checks import require
 from openclip_robust.losses.registry import register_loss
 
 TERMS = ("avl", "pvl")

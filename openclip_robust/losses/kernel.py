@@ -23,7 +23,7 @@ from openclip_robust.teachers import cache as teacher_cache
 from openclip_robust.data.image_only import get_image_only_wds, is_webdataset
 from openclip_robust import precise
 from openclip_robust.losses.base import RobustLoss, fp32, sq_dist
-from openclip_robust.losses.checks import require
+from openclip_robust.checks import require
 from openclip_robust.losses.registry import register_loss
 from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags
 

@@ -1,6 +1,6 @@
 """FLYP + replay (DiVE Appendix E, Eq. 15): the contrastive loss on a reference batch too."""
 from openclip_robust.losses.base import RobustLoss
-from openclip_robust.losses.checks import require
+from openclip_robust.checks import require
 from openclip_robust.losses.registry import register_loss
 
 

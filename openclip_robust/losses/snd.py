@@ -2,7 +2,7 @@
 frozen model. The original SnD code (dual teachers, frozen text tower) differs; see docs/methods.md."""
 from openclip_robust import precise
 from openclip_robust.losses.base import RobustLoss, frozen_reference_features, sq_dist
-from openclip_robust.losses.checks import require
+from openclip_robust.checks import require
 from openclip_robust.losses.registry import register_loss
 
 

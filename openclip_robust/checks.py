@@ -1,4 +1,4 @@
-"""Range checks of a method's numbers, for its ``validate_args`` (a leaf module: the loss modules import it)."""
+"""Range checks of a method's numbers, for its ``validate_args`` (a leaf module: losses, data and guards import it)."""
 import math
 
 
