@@ -8,7 +8,8 @@ a stream that yields nothing in time, or more than ``CAPTION_MISSING_MAX`` of th
 caption is one error naming the flag, the shard and what was wrong. The ranks then exchange their
 verdicts (``raise_on_any_rank``), so every rank stops with the error and none waits for another.
 
-**While training** (``FailureGuard``): the webdataset error handler and the sample filter of a stream
+**While training** (``FailureGuard``; upstream's own ``--train-data`` loader has the same bound from
+patch 0004, ``ConsecutiveErrors``, set from ``--data-failure-limit``): the error handler and the filter of a stream
 count consecutive failures (a shard that cannot be read, a sample that does not decode or lacks its
 image or caption); ``--data-failure-limit`` in a row stop the run with the last failures named,
 instead of spinning over a broken stream. Its warnings are rate-limited.
@@ -36,9 +37,9 @@ class DataError(RuntimeError):
 
 def add_args(group):
     group.add_argument("--data-failure-limit", type=int, default=200, metavar="N",
-                       help="stop the run when this many consecutive samples or shards of the reference "
-                            "stream (and of the kernel method's image-only --train-data) fail to read, decode or "
-                            "hold their image and caption (default 200).")
+                       help="stop the run when this many consecutive samples or shards of a webdataset stream "
+                            "(--ref-data, and --train-data through upstream's --wds-max-consecutive-errors unless "
+                            "that is given) fail to read, decode or hold their image and caption (default 200).")
     group.add_argument("--data-probe-timeout", type=float, default=120.0, metavar="S",
                        help="seconds each rank may take, before step 1, to read and decode a few samples of "
                             "the reference and target data (default 120); nothing in time is an error.")
@@ -47,6 +48,9 @@ def add_args(group):
 def validate_args(args):
     require(args, "data_failure_limit", low=1)
     require(args, "data_probe_timeout", low=0, low_open=True)
+    # upstream's own --train-data loader (patch 0004); a value given to upstream's flag wins
+    if not getattr(args, "wds_max_consecutive_errors", 0):
+        args.wds_max_consecutive_errors = args.data_failure_limit
 
 
 def describe(exn):

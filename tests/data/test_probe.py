@@ -1,5 +1,6 @@
 """Bad data gets one clear error before step 1 (the probe), or stops the run while training: never a spin."""
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -12,11 +13,14 @@ import pytest
 import torch
 
 from open_clip import create_model_and_transforms, get_tokenizer
+from open_clip_train.params import parse_args
+from open_clip_train.plugins import PluginManager
 from openclip_robust.data.image_only import get_image_only_wds
 from openclip_robust.data.probe import DataError, FailureGuard, probe_stream
 from openclip_robust.data.reference import ReferenceStream, sample_stages
 from openclip_robust.data.shards import write_samples
 from openclip_robust.demo.samples import photo_samples
+from openclip_robust.plugin import RobustPlugin
 from tests.test_guards import run_training
 from tests.test_training_e2e import train_args
 
@@ -195,3 +199,65 @@ def test_image_only_target_stream_stops_instead_of_spinning(tmp_path, transforms
     loader = get_image_only_wds(args, preprocess, 0, tokenizer).dataloader
     with bounded(60), pytest.raises(DataError, match=r"--train-data: 40 samples or shards in a row failed"):
         next(iter(loader))
+
+
+# -- upstream's own --train-data loader (patch 0004: --wds-max-consecutive-errors) --------------------
+UPSTREAM_WDS = TESTS / "data" / "upstream_wds_errors.py"
+
+
+def upstream_wds(spec, limit, batches=20, python=sys.executable):
+    """upstream's get_wds_dataset over `spec` in a child (bounded: a spin fails the test)."""
+    out = subprocess.run([str(python), str(UPSTREAM_WDS), spec, str(limit), str(batches)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def broken_target_cases(tmp_path):
+    """What a target stream that broke looks like: undecodable images, captionless samples, a mix."""
+    good = photo_samples(24)
+    return {
+        "undecodable": shards(tmp_path, "undecodable", undecodable(16), 8)[1],
+        "captionless": shards(tmp_path, "captionless", [{"png": s["png"]} for s in good[:16]], 8)[1],
+        # one good sample in three: failures never run 30 long, but far more than 30 in all
+        "mixed": shards(tmp_path, "mixed", [s if i % 3 == 0 else ({"png": s["png"]} if i % 3 == 1 else
+                                                                undecodable(1)[0]) for i, s in enumerate(good)], 8)[1],
+    }
+
+
+def assert_bounded(cases, python=sys.executable):
+    for case in ("undecodable", "captionless"):
+        got = upstream_wds(cases[case], 30, python=python)
+        assert got["batches"] == 0 and got["error"], (case, got)
+        assert "--train-data: 30 samples or shards in a row failed (--wds-max-consecutive-errors 30); last:" \
+            in got["error"], got["error"]
+    assert "has no image or no caption" in upstream_wds(cases["captionless"], 30, python=python)["error"]
+    # a good sample ends a run of failures: 20 batches of 2 read through ~80 failures, no error
+    assert upstream_wds(cases["mixed"], 30, python=python) == {"batches": 20, "error": None}
+    assert upstream_wds(cases["mixed"], 0, python=python) == {"batches": 20, "error": None}  # 0: upstream's default
+
+
+def test_upstream_target_loader_stops_after_consecutive_failures(tmp_path):
+    assert_bounded(broken_target_cases(tmp_path))
+
+
+def test_robust_runs_bound_upstreams_target_loader_by_the_data_failure_limit(ref_shards, target_shards):
+    def limit(*argv):
+        plugins = PluginManager({"robust": RobustPlugin()})
+        return parse_args(["--train-data", target_shards, *argv], plugins).wds_max_consecutive_errors
+    assert limit() == 0  # without --robust-loss: upstream's behaviour
+    robust = ["--robust-loss", "dive", "--ref-data", ref_shards]
+    assert limit(*robust) == 200
+    assert limit(*robust, "--data-failure-limit", "7") == 7
+    assert limit(*robust, "--wds-max-consecutive-errors", "9") == 9  # upstream's flag, given, wins
+
+
+@pytest.mark.slow
+def test_target_stream_that_breaks_after_the_probe_stops_the_run(tmp_path, tiny_model_dir):
+    """8 good samples (the probe passes on them), then 192 undecodable: training stops, it does not spin."""
+    _, target = shards(tmp_path, "target", photo_samples(8) + undecodable(192), 50)
+    argv = train_args(tmp_path, "run", tiny_model_dir, target, "--robust-loss", "flyp", "--data-failure-limit", "20",
+                      samples=200)
+    code, log = run_training(tmp_path, "run", *argv, timeout=180)
+    assert code != 0, log[-3000:]
+    assert "--train-data: 20 samples or shards in a row failed (--wds-max-consecutive-errors 20)" in log, log[-3000:]

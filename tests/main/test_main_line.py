@@ -249,3 +249,9 @@ def test_combinations_main_cannot_run_are_refused_before_training(tmp_path, targ
     proc = subprocess.run([str(PYTHON), "-m", "open_clip_train.main", *argv], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_upstream_target_loader_stops_after_consecutive_failures(tmp_path):
+    """patches/main 0004: main's get_wds_dataset bounds failures in a row like the 3.x line's."""
+    from tests.data.test_probe import assert_bounded, broken_target_cases
+    assert_bounded(broken_target_cases(tmp_path), python=PYTHON)
