@@ -50,7 +50,8 @@ def get_image_only_wds(args, preprocess_img, epoch, tokenizer, with_keys=False):
     guard = FailureGuard("--train-data", args.data_failure_limit, need_caption=False)
     pipeline += [
         lambda src: tarfile_to_samples_nothrow(src, handler=guard.handler),
-        wds.shuffle(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL),
+        detshuffle2(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch,
+                    per_worker=True),  # seeded like upstream's (patch 0005)
         wds.select(guard.keep),
         wds.decode("pilrgb", handler=guard.handler),
         wds.rename(image=IMAGE_KEYS),
