@@ -9,11 +9,11 @@ import torch
 
 from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
-from open_clip_train.distributed import is_master
+from open_clip_train.distributed import is_master, is_using_distributed
 
 from openclip_robust import flags, guards, resume
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
-from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards
+from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards, source_weights
 from openclip_robust.data.run_probe import check_run_data
 from openclip_robust.data import probe
 from openclip_robust import precise
@@ -125,7 +125,11 @@ class RobustPlugin:
             if not args.ref_data:
                 raise ValueError(f"--robust-loss {args.robust_loss} needs --ref-data: webdataset shards "
                                  f"of reference image-caption pairs (e.g. CC3M in img2dataset format)")
-            self.ref_urls, self.ref_weights = readable_shards(args.ref_data, factors=args.ref_data_upsampling_factors)
+            if not is_using_distributed():  # one process: bad shards are a command-line error
+                self.ref_urls, self.ref_weights = readable_shards(args.ref_data,
+                                                                  factors=args.ref_data_upsampling_factors)
+            else:  # the ranks share the scan once they can talk (add_data); the factors are checked now
+                source_weights(args.ref_data, args.ref_data_upsampling_factors)
         if args.ref_teacher_cache:
             if not self.method.frozen_on_reference_only:
                 raise ValueError(f"--ref-teacher-cache: --robust-loss {args.robust_loss} runs no frozen model on "
@@ -163,6 +167,8 @@ class RobustPlugin:
             resume.refuse_plain_train_checkpoint(args.resume, self.method.name)
         if args.prompt_redraw == "auto":
             redraw_prompts(args, data, preprocess_fns, epoch, tokenizer)
+        if self.method.needs_reference and self.ref_urls is None:
+            self.ref_urls, self.ref_weights = readable_shards(args.ref_data, factors=args.ref_data_upsampling_factors)
         if args.ref_teacher_cache and self.teacher_cache is None:
             self.teacher_cache = open_teacher_cache(args, preprocess_fns[1], tokenizer, self.weights_hash,
                                                     self.ref_urls)
