@@ -3,6 +3,7 @@
 Every hook is a no-op unless ``--robust-loss`` is given, so plain upstream runs are unchanged.
 The hook spec lives upstream, in the patched ``open_clip_train/plugins.py``.
 """
+import contextlib
 import logging
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master, is_using_distributed
+from open_clip_train.precision import get_autocast
 
 from openclip_robust import flags, guards, resume
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
@@ -82,6 +84,11 @@ class RobustPlugin:
         group.add_argument("--ref-workers", type=int, default=None,
                            help="data workers for the reference stream (default: --workers x B'/B, at least 1: "
                                 "decoding B' reference images a step takes B'/B times the target's work).")
+        group.add_argument("--ref-backward", choices=("joint", "separate"), default="joint",
+                           help="joint: one backward of the whole loss (upstream's); separate (dive, snd; "
+                                "--accum-freq 1; 3.x line): the reference branch's terms are computed and "
+                                "backwarded before the target forward, so its activations are freed first "
+                                "(less peak memory, the same gradients).")
         group.add_argument("--ref-teacher-cache", type=str, default=None, metavar="DIR",
                            help="frozen-model embeddings of --ref-data from `openclip-robust cache-teacher`: read "
                                 "them instead of running the frozen forward (dive, snd). Refused if its model, "
@@ -121,6 +128,9 @@ class RobustPlugin:
         if args.ref_batch_size < 1 or args.ref_workers < 0:
             raise ValueError("--ref-batch-size must be >= 1 and --ref-workers >= 0")
         self.method.validate_args(args)
+        if args.ref_backward == "separate" and not (self.method.separable_reference and args.accum_freq == 1):
+            raise ValueError(f"--ref-backward separate: needs a method whose reference terms are separable (dive, "
+                             f"snd; not {args.robust_loss}) and --accum-freq 1 (not {args.accum_freq}); drop it")
         if self.method.needs_reference:
             if not args.ref_data:
                 raise ValueError(f"--robust-loss {args.robust_loss} needs --ref-data: webdataset shards "
@@ -192,13 +202,28 @@ class RobustPlugin:
             self.reference.set_epoch(epoch)
         self.loss.on_train_epoch_start(model)
 
-    def step_inputs(self, args, model, batch, images, texts):
-        if self.loss is None:
-            return {}
+    def _loss_inputs(self, args, model, batch, images, texts):
         reference = None
         if self.reference is not None:  # WithReference appended it to the loader's batch
             batch, reference = batch[:-1], batch[-1].to(torch.device(args.device), get_input_dtype(args.precision))
         return self.loss.step_inputs(model, self.frozen, images, texts, reference, batch=batch)
+
+    def before_forward(self, args, model, batch, images, texts, backward):
+        """--ref-backward separate: the reference terms' forward and backward, before the target's forward."""
+        if self.loss is None or args.ref_backward != "separate":
+            return
+        # DDP: gradients are reduced once, in the loop's backward (also those of parameters only one branch reaches)
+        with getattr(model, "no_sync", contextlib.nullcontext)():
+            with get_autocast(args.precision)():
+                terms, log_only = self.loss.regularizer(logit_scale=None,
+                                                        **self._loss_inputs(args, model, batch, images, texts))
+            backward(sum(terms.values()))
+        self.loss.precomputed = ({k: v.detach() for k, v in terms.items()}, log_only)
+
+    def step_inputs(self, args, model, batch, images, texts):
+        if self.loss is None or args.ref_backward == "separate":  # separate: before_forward did it
+            return {}
+        return self._loss_inputs(args, model, batch, images, texts)
 
     def on_optimizer_step(self, args, model, step):
         if self.loss is not None:
