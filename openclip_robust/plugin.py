@@ -14,7 +14,7 @@ from open_clip_train.distributed import is_master, is_using_distributed
 from open_clip_train.precision import get_autocast
 
 from openclip_robust import flags, guards, resume
-from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
+from openclip_robust.teachers.frozen import check_upstream_bn_freeze, exact_half_dtype, freeze_bn_stats, frozen_copy
 from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards, source_weights
 from openclip_robust.data.run_probe import check_run_data
 from openclip_robust.data import probe
@@ -159,7 +159,11 @@ class RobustPlugin:
         if args.ref_teacher_cache:
             self.weights_hash = teacher_cache.weights_sha256(model)
         if self.method.needs_frozen and not (args.ref_teacher_cache and self.method.frozen_on_reference_only):
-            self.frozen = frozen_copy(model)
+            half = exact_half_dtype(args.precision, args.diff_precision, getattr(args, "fsdp", False))
+            self.frozen = frozen_copy(model, half)
+            if half is not None:
+                logging.info(f"openclip-robust: the frozen model's matmul weights are held in {half} (exact under "
+                             f"--precision {args.precision} with --diff-precision autocast)")
         self.loss = self.method(args)
         self.loss.setup(args, model)
         self.guard = guards.NonFiniteGuard(args, model, self.loss)
@@ -214,7 +218,7 @@ class RobustPlugin:
             return
         # DDP: gradients are reduced once, in the loop's backward (also those of parameters only one branch reaches)
         with getattr(model, "no_sync", contextlib.nullcontext)():
-            with get_autocast(args.precision)():
+            with get_autocast(args.precision, device_type=torch.device(args.device).type)():
                 terms, log_only = self.loss.regularizer(logit_scale=None,
                                                         **self._loss_inputs(args, model, batch, images, texts))
             backward(sum(terms.values()))
