@@ -8,7 +8,8 @@ Results format (what ``evaluation.evaluate`` returns and writes as results.json)
                                "rsa": {"image": ..., "text": ..., "joint": ...}}]}
 
 Runs with the same ``method`` are aggregated: mean ± sample standard deviation (ddof = 1) when
-there are several. Accuracy-like scores print as percentages; RSA (joint) as a correlation.
+there are several; with several seeds (runs named ``method/seedN``), DiVE minus each other method is
+also reported paired by seed (``paired_differences``). Accuracy-like scores print as percentages; RSA (joint) as a correlation.
 """
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import statistics
 from pathlib import Path
 
+from scipy.stats import t as t_dist
 from matplotlib.figure import Figure  # not pyplot: no backend or global figure state (Figure renders PNG itself)
 
 # The paper's columns first (DiVE Tables 1-3), retrieval (not in the paper) last.
@@ -45,6 +47,43 @@ def summarize(runs):
     return out
 
 
+def _seed(run):
+    """The fine-tuning seed of a run named "method/seedN" (the miniature's and evaluate's names), else None."""
+    _, _, tail = run["name"].rpartition("/seed")
+    return int(tail) if tail.isdigit() else None
+
+
+def paired_differences(runs, method="dive", baselines=None):
+    """{baseline: {column: (mean, std or None, n)}}: `method` minus each baseline, per column, over the seeds
+    both ran (a difference per seed, so seed-to-seed variation common to both cancels). std: sample
+    standard deviation (ddof = 1) of the per-seed differences; None with one seed."""
+    by = {}
+    for run in runs:
+        if _seed(run) is not None:
+            by.setdefault(run.get("method") or run["name"].rpartition("/")[0], {})[_seed(run)] = run
+    if method not in by:
+        return {}
+    out = {}
+    for base in baselines or [m for m in by if m != method]:
+        seeds = sorted(set(by[method]) & set(by.get(base, {})))
+        cols = {}
+        for key, _ in COLUMNS:
+            diffs = [_value(by[method][s], key) - _value(by[base][s], key) for s in seeds
+                     if _value(by[method][s], key) is not None and _value(by[base][s], key) is not None]
+            if diffs:
+                cols[key] = (statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else None, len(diffs))
+        if cols:
+            out[base] = cols
+    return out
+
+
+def beyond_spread(stat):
+    """A paired difference larger than its spread: its 95 % Student-t interval over the seeds (a paired
+    t-test) excludes 0, i.e. |mean| > t(0.975, n - 1) · std / √n. Never with one seed."""
+    mean, std, n = stat
+    return std is not None and abs(mean) > t_dist.ppf(0.975, n - 1) * std / math.sqrt(n)
+
+
 def _fmt(key, stat):
     if stat is None:
         return "–"
@@ -63,6 +102,17 @@ def markdown_table(results):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, n, cols in summary:
         lines.append("| " + " | ".join([method, str(n)] + [_fmt(k, cols.get(k)) for k in keys]) + " |")
+    paired = paired_differences(runs)
+    if paired and any(stat[2] > 1 for cols in paired.values() for stat in cols.values()):
+        lines += ["", "DiVE minus each method, paired by seed (mean ± std of the per-seed differences; "
+                  "* its 95% t-interval excludes 0):", "",
+                  "| difference | seeds | " + " | ".join(title for k, title in COLUMNS if k in keys) + " |",
+                  "|" + "---|" * (len(keys) + 2)]
+        for base, cols in paired.items():
+            n = max(stat[2] for stat in cols.values())
+            cells = [(_fmt(k, cols[k][:2]) + ("*" if beyond_spread(cols[k]) else "")) if k in cols else "–"
+                     for k in keys]
+            lines.append(f"| dive − {base} | {n} | " + " | ".join(cells) + " |")
     datasets = {}
     for run in runs:
         for name, d in run.get("datasets", {}).items():

@@ -1,0 +1,41 @@
+"""The results table's statistics: DiVE minus each baseline, paired by seed, against a hand computation."""
+import pytest
+
+from openclip_robust.evaluation import report
+
+
+def run(method, seed, id_, zs, rsa):
+    return {"name": f"{method}/seed{seed}", "method": method, "roles": {"id": id_, "zeroshot": zs},
+            "rsa": {"joint": rsa}}
+
+
+RUNS = [run("pre-trained", 0, 0.10, 0.30, 1.0) | {"name": "pre-trained"},
+        run("flyp", 0, 0.80, 0.10, 0.30), run("flyp", 1, 0.70, 0.12, 0.20), run("flyp", 2, 0.75, 0.08, 0.40),
+        run("dive", 0, 0.78, 0.25, 0.95), run("dive", 1, 0.69, 0.26, 0.96), run("dive", 2, 0.71, 0.22, 0.97)]
+
+
+def test_paired_differences_by_hand():
+    diff = report.paired_differences(RUNS)
+    assert set(diff) == {"flyp"}  # the pre-trained row has no seed: nothing to pair
+    # ID: dive - flyp per seed = -0.02, -0.01, -0.04 -> mean -0.07/3, std sqrt(((1/3)^2+(4/3)^2+(5/3)^2)/2)/100
+    mean, std, n = diff["flyp"]["id"]
+    assert n == 3 and mean == pytest.approx(-0.07 / 3)
+    assert std == pytest.approx(((1 / 9 + 16 / 9 + 25 / 9) / 2) ** 0.5 / 100)
+    # ZS: 0.15, 0.14, 0.14 -> mean 0.1433.., std 0.00577..: t = 43 > t(0.975, 2) = 4.30; ID: t = 2.65, not
+    mean, std, _ = diff["flyp"]["zeroshot"]
+    assert mean == pytest.approx(0.43 / 3) and std == pytest.approx((1 / 3) ** 0.5 / 100)
+    assert report.beyond_spread(diff["flyp"]["zeroshot"]) and not report.beyond_spread(diff["flyp"]["id"])
+    # RSA: 0.65, 0.76, 0.57
+    assert diff["flyp"]["rsa"][0] == pytest.approx(1.98 / 3)
+
+
+def test_only_seeds_both_ran_are_paired_and_one_seed_has_no_spread():
+    diff = report.paired_differences(RUNS[:3] + RUNS[4:5])  # flyp seeds 0, 1; dive seed 0
+    assert diff["flyp"]["id"] == (pytest.approx(-0.02), None, 1)
+    assert not report.beyond_spread(diff["flyp"]["id"])
+
+
+def test_the_table_shows_the_paired_differences_with_their_marks():
+    table = report.markdown_table({"runs": RUNS})
+    line = next(l for l in table.splitlines() if l.startswith("| dive − flyp |"))
+    assert line == "| dive − flyp | 3 | -2.3 ± 1.5 | 14.3 ± 0.6* | 0.660 ± 0.095* |"
