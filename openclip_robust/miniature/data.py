@@ -30,6 +30,30 @@ HELD_OUT = {
     "animals/dinosaurs": "dinosaurs", "food/vegetables": "vegetables", "plants/trees": "trees",
     "office/telephone": "telephones",
 }
+# --split-seed N (N > 0) holds out ZERO_SHOT_COUNT categories drawn from HELD_OUT and these instead: nameable
+# folders of 10-260 clip arts (the large ones, computer/icons, shapes/stars and flags, always stay in alignment).
+MORE_NAMEABLE = {
+    "recreation/games": "games", "signs_and_symbols/map_symbols": "map symbols", "geography": "maps",
+    "special/patterns": "patterns", "office": "office supplies", "tools": "tools", "shapes/arrows": "arrows",
+    "computer/buttons": "buttons", "people/stickmen": "stick figures", "computer/hardware": "computer hardware",
+    "shapes/jigsaw": "jigsaw pieces", "people/smilies": "smiley faces", "recreation/holiday": "holiday decorations",
+    "food/meats_and_eggs": "meat and eggs", "recreation/party": "party decorations", "people/bodypart": "body parts",
+    "shapes/callouts": "speech bubbles", "geography/astronomy": "planets", "buildings/furniture": "furniture",
+    "electronics/bulb": "light bulbs",
+}
+ZERO_SHOT_COUNT = len(HELD_OUT)
+
+
+def held_out_categories(split_seed=0):
+    """The zero-shot categories ({folder: prompt name}): HELD_OUT for split seed 0, else ZERO_SHOT_COUNT drawn
+    (seeded) from HELD_OUT and MORE_NAMEABLE, in folder order."""
+    if split_seed == 0:
+        return dict(HELD_OUT)
+    pool = {**HELD_OUT, **MORE_NAMEABLE}
+    chosen = set(random.Random(split_seed).sample(sorted(pool), ZERO_SHOT_COUNT))
+    return {c: pool[c] for c in sorted(chosen)}
+
+
 CLIPART_TEMPLATES = ["clip art of {c}.", "a drawing of {c}.", "an illustration of {c}.", "a cartoon of {c}.",
                      "an icon of {c}.", "a picture of {c}."]
 FASHION_CLASSES = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -79,10 +103,11 @@ def openclipart_items(png_root=assets.OPENCLIPART_PNG, svg_root=assets.OPENCLIPA
     return items
 
 
-def split_openclipart(items, val_pairs, heldout_pairs, seed=0):
-    """{"align_train", "align_val", "heldout_pairs", "zeroshot"}: lists of (rel, category, caption)."""
-    zeroshot = [it for it in items if it[1] in HELD_OUT]
-    rest = [it for it in items if it[1] not in HELD_OUT]
+def split_openclipart(items, val_pairs, heldout_pairs, seed=0, held_out=HELD_OUT):
+    """{"align_train", "align_val", "heldout_pairs", "zeroshot"}: lists of (rel, category, caption); the
+    `held_out` categories are the zero-shot set, the others' pairs are split at random (`seed`)."""
+    zeroshot = [it for it in items if it[1] in held_out]
+    rest = [it for it in items if it[1] not in held_out]
     rng = random.Random(seed)
     rng.shuffle(rest)
     return {"align_val": rest[:val_pairs], "heldout_pairs": rest[val_pairs:val_pairs + heldout_pairs],

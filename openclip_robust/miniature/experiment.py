@@ -53,10 +53,11 @@ class Config:
     lambda_tolerance: float = 0.01  # ID-val ties within this pick the larger λ (stronger preservation)
     wise_alpha: float = 0.5
     seed: int = 0
+    split_seed: int = 0             # held-out categories and pairs (md.held_out_categories); 0: the documented set
 
     def data_params(self):
         keys = ("image_size", "clipart_size", "align_val_pairs", "heldout_pairs", "retrieval_pairs", "ref_pairs",
-                "zeroshot_per_class", "fashion_train", "fashion_val", "fashion_test", "seed")
+                "zeroshot_per_class", "fashion_train", "fashion_val", "fashion_test", "seed", "split_seed")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -116,7 +117,8 @@ def render_needed(cache_dir, rels, size):
 def build_data(out, cfg, clipart_dir):
     out = Path(out)
     items = md.openclipart_items()
-    splits = md.split_openclipart(items, cfg.align_val_pairs, cfg.heldout_pairs, cfg.seed)
+    held_out = md.held_out_categories(cfg.split_seed)
+    splits = md.split_openclipart(items, cfg.align_val_pairs, cfg.heldout_pairs, cfg.split_seed, held_out)
     if cfg.ref_pairs:
         splits["align_train"] = splits["align_train"][:cfg.ref_pairs]
     if cfg.zeroshot_per_class:
@@ -142,10 +144,10 @@ def build_data(out, cfg, clipart_dir):
     sh.make_ref_shards(caption_tsv("reference_pairs", splits["align_train"]), out / "reference", 500,
                        cfg.seed, workers=2)
     sh.make_ref_shards(caption_tsv("retrieval_pairs", retrieval), out / "retrieval", 500, cfg.seed, workers=2)
-    cats = list(md.HELD_OUT)
+    cats = list(held_out)
     zs_tsv = out / "zeroshot.tsv"
     zs_tsv.write_text("".join(f"{clipart_dir}/{rel}\t{cats.index(cat)}\n" for rel, cat, _ in splits["zeroshot"]))
-    sh.make_target_shards(zs_tsv, out / "zeroshot", [md.HELD_OUT[c] for c in cats], md.CLIPART_TEMPLATES, 500,
+    sh.make_target_shards(zs_tsv, out / "zeroshot", [held_out[c] for c in cats], md.CLIPART_TEMPLATES, 500,
                           cfg.seed, workers=2)
     # Fashion-MNIST: train (target shards), val (λ / WiSE choice), test (ID) and shifted test (OOD)
     fashion = md.fashion_subsets(cfg.fashion_train, cfg.fashion_val, cfg.fashion_test, cfg.seed)

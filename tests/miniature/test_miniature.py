@@ -30,7 +30,7 @@ def _fake_items():
     return [(f"{c}/img{i}.png", c, f"caption {c} {i}") for c in cats for i in range(20)]
 
 
-def _assert_split_disjoint(splits):
+def _assert_split_disjoint(splits, held_out=md.HELD_OUT):
     zs = {rel for rel, _, _ in splits["zeroshot"]}
     train = {rel for rel, _, _ in splits["align_train"]}
     val = {rel for rel, _, _ in splits["align_val"]}
@@ -39,8 +39,8 @@ def _assert_split_disjoint(splits):
     for a, b in [(zs, train), (zs, val), (held, train), (held, val), (val, train), (zs, held)]:
         assert a & b == set()
     train_cats = {c for _, c, _ in splits["align_train"] + splits["align_val"] + splits["heldout_pairs"]}
-    assert train_cats & set(md.HELD_OUT) == set()
-    assert {c for _, c, _ in splits["zeroshot"]} <= set(md.HELD_OUT)
+    assert train_cats & set(held_out) == set()
+    assert {c for _, c, _ in splits["zeroshot"]} <= set(held_out)
 
 
 def test_split_keeps_heldout_categories_and_pairs_out_of_training():
@@ -51,12 +51,27 @@ def test_split_keeps_heldout_categories_and_pairs_out_of_training():
     assert sum(len(v) for v in splits.values()) == len(items)  # nothing lost, nothing twice
 
 
+def test_another_split_seed_holds_out_other_categories_and_pairs():
+    first, other = md.held_out_categories(0), md.held_out_categories(7)
+    assert first == md.HELD_OUT and len(other) == md.ZERO_SHOT_COUNT and set(other) != set(first)
+    assert set(other) <= set(md.HELD_OUT) | set(md.MORE_NAMEABLE) and md.held_out_categories(7) == other
+    cats = sorted(set(first) | set(other))[:8] + ["computer/icons"]
+    items = [(f"{c}/img{i}.png", c, f"caption {c} {i}") for c in cats for i in range(20)]
+    splits = {seed: md.split_openclipart(items, 10, 15, seed, md.held_out_categories(seed)) for seed in (0, 7)}
+    _assert_split_disjoint(splits[7], other)
+    assert {it[0] for it in splits[0]["heldout_pairs"]} != {it[0] for it in splits[7]["heldout_pairs"]}
+
+
 @needs_assets
 def test_split_on_real_openclipart():
     items = md.openclipart_items()
     splits = md.split_openclipart(items, 300, 500, seed=0)
     _assert_split_disjoint(splits)
     assert len({c for _, c, _ in splits["zeroshot"]}) >= 20
+    other = md.held_out_categories(7)  # --split-seed 7: every drawn category has clip arts, none leaks
+    splits = md.split_openclipart(items, 300, 500, 7, other)
+    _assert_split_disjoint(splits, other)
+    assert {c for _, c, _ in splits["zeroshot"]} == set(other)
 
 
 def test_category_and_caption_parsing():
