@@ -56,7 +56,9 @@ BUILD = "build.json"  # what an unfinished build is building: a resumed build mu
 SHARD_DIR = "shards"
 FORMAT_VERSION = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-OPEN_SHARDS = 8  # shard files open per process; the sample shuffle buffer spans a few shards
+# shard files a process keeps open: `attach` needs one (samples arrive in shard order); samples in the
+# shuffle buffer keep their own shard's file mapped until they leave it; a second saves a re-open
+OPEN_SHARDS = 2
 ROW_KEY = "__teacher_row__"  # where a sample notes its cached row between the tar reader and batching
 RANDOM_TRANSFORM = re.compile(r"Random|Jitter|Augment|AugMix|Trivial|Blur|Erasing|Grayscale")
 

@@ -157,7 +157,7 @@ def test_equal_keys_and_basenames_in_two_sources_get_their_own_files(tmp_path, t
 
 
 @pytest.mark.slow
-def test_torchrun_build_writes_one_part_per_rank(tmp_path, tiny_model_dir, ref_shards, cache_dir):
+def test_torchrun_ranks_take_the_shards_round_robin(tmp_path, tiny_model_dir, ref_shards, cache_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + os.getpid() % 1000), "-m", "openclip_robust", "cache-teacher", "--model",
