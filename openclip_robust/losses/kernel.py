@@ -10,8 +10,9 @@ No contrastive term: KUEA trains on images alone.
 
 --kernel-teacher-cache DIR (from `openclip-robust cache-teacher --train-data ... --kernel-teacher ...`)
 replaces the teacher's forward by its cached features, read per shard in the loader workers and
-delivered in the batch; no teacher is built. Target images then use the deterministic eval transform, not the random train transform, so
-that they are the pixels the cache was computed from (the price of exactness: no augmentation).
+delivered in the batch; no teacher is built. Target images then use the deterministic eval
+transform, not the random train transform, so that they are the pixels the cache was computed from
+(the price of exactness: no augmentation).
 """
 import logging
 
@@ -209,8 +210,9 @@ class KernelAlignmentLoss(RobustLoss):
         data["train"] = get_image_only_wds(args, preprocess, epoch, tokenizer, teacher_cache=self.cache)
         logging.info(f"openclip-robust: kernel teacher features from {args.kernel_teacher_cache} ({len(self.cache)} "
                      f"samples x {self.cache.dims()['teacher_features']} {self.cache.manifest['dtype']}, "
-                     f"{self.cache.nbytes() / 2 ** 20:.1f} MiB memory-mapped, read per shard by the loader); no teacher is run, and the target images use the deterministic eval transform "
-                     f"(no augmentation) so that they match the cache")
+                     f"{self.cache.nbytes() / 2 ** 20:.1f} MiB memory-mapped, read per shard by the loader); no "
+                     f"teacher is run, and the target images use the deterministic eval transform (no augmentation) "
+                     f"so that they match the cache")
 
     def teacher_features(self, images, batch=None):
         """The teacher's features of this batch: computed, or the cached rows its loader put in it."""
