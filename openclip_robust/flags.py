@@ -13,7 +13,7 @@ import math
 from openclip_robust.losses import get_loss_class, loss_names
 from openclip_robust.checks import flag
 
-REFERENCE_FLAGS = ("ref_data", "ref_data_upsampling_factors", "ref_batch_size", "ref_workers")
+REFERENCE_FLAGS = ("ref_data", "ref_data_upsampling_factors", "ref_batch_size", "ref_workers", "ref_backward")
 FROZEN_FLAGS = ("diff_precision",)
 
 

@@ -3,17 +3,19 @@
 Every hook is a no-op unless ``--robust-loss`` is given, so plain upstream runs are unchanged.
 The hook spec lives upstream, in the patched ``open_clip_train/plugins.py``.
 """
+import contextlib
 import logging
 
 import torch
 
 from open_clip import get_input_dtype
 from open_clip_train.data import get_dataset_fn
-from open_clip_train.distributed import is_master
+from open_clip_train.distributed import is_master, is_using_distributed
+from open_clip_train.precision import get_autocast
 
 from openclip_robust import flags, guards, resume
-from openclip_robust.teachers.frozen import check_upstream_bn_freeze, freeze_bn_stats, frozen_copy
-from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards
+from openclip_robust.teachers.frozen import check_upstream_bn_freeze, exact_half_dtype, freeze_bn_stats, frozen_copy
+from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards, source_weights
 from openclip_robust.data.run_probe import check_run_data
 from openclip_robust.data import probe
 from openclip_robust import precise
@@ -83,6 +85,11 @@ class RobustPlugin:
         group.add_argument("--ref-workers", type=int, default=None,
                            help="data workers for the reference stream (default: --workers x B'/B, at least 1: "
                                 "decoding B' reference images a step takes B'/B times the target's work).")
+        group.add_argument("--ref-backward", choices=("joint", "separate"), default="joint",
+                           help="joint: one backward of the whole loss (upstream's); separate (dive, snd; "
+                                "--accum-freq 1; 3.x line): the reference branch's terms are computed and "
+                                "backwarded before the target forward, so its activations are freed first "
+                                "(less peak memory, the same gradients).")
         group.add_argument("--ref-teacher-cache", type=str, default=None, metavar="DIR",
                            help="frozen-model embeddings of --ref-data from `openclip-robust cache-teacher`: read "
                                 "them instead of running the frozen forward (dive, snd). Refused if its model, "
@@ -122,11 +129,18 @@ class RobustPlugin:
         if args.ref_batch_size < 1 or args.ref_workers < 0:
             raise ValueError("--ref-batch-size must be >= 1 and --ref-workers >= 0")
         self.method.validate_args(args)
+        if args.ref_backward == "separate" and not (self.method.separable_reference and args.accum_freq == 1):
+            raise ValueError(f"--ref-backward separate: needs a method whose reference terms are separable (dive, "
+                             f"snd; not {args.robust_loss}) and --accum-freq 1 (not {args.accum_freq}); drop it")
         if self.method.needs_reference:
             if not args.ref_data:
                 raise ValueError(f"--robust-loss {args.robust_loss} needs --ref-data: webdataset shards "
                                  f"of reference image-caption pairs (e.g. CC3M in img2dataset format)")
-            self.ref_urls, self.ref_weights = readable_shards(args.ref_data, factors=args.ref_data_upsampling_factors)
+            if not is_using_distributed():  # one process: bad shards are a command-line error
+                self.ref_urls, self.ref_weights = readable_shards(args.ref_data,
+                                                                  factors=args.ref_data_upsampling_factors)
+            else:  # the ranks share the scan once they can talk (add_data); the factors are checked now
+                source_weights(args.ref_data, args.ref_data_upsampling_factors)
         if args.ref_teacher_cache:
             if not self.method.frozen_on_reference_only:
                 raise ValueError(f"--ref-teacher-cache: --robust-loss {args.robust_loss} runs no frozen model on "
@@ -146,7 +160,11 @@ class RobustPlugin:
         if args.ref_teacher_cache:
             self.weights_hash = teacher_cache.weights_sha256(model)
         if self.method.needs_frozen and not (args.ref_teacher_cache and self.method.frozen_on_reference_only):
-            self.frozen = frozen_copy(model)
+            half = exact_half_dtype(args.precision, args.diff_precision, getattr(args, "fsdp", False))
+            self.frozen = frozen_copy(model, half)
+            if half is not None:
+                logging.info(f"openclip-robust: the frozen model's matmul weights are held in {half} (exact under "
+                             f"--precision {args.precision} with --diff-precision autocast)")
         self.loss = self.method(args)
         self.loss.setup(args, model)
         self.guard = guards.NonFiniteGuard(args, model, self.loss)
@@ -164,6 +182,8 @@ class RobustPlugin:
             resume.refuse_plain_train_checkpoint(args.resume, self.method.name)
         if args.prompt_redraw == "auto":
             redraw_prompts(args, data, preprocess_fns, epoch, tokenizer)
+        if self.method.needs_reference and self.ref_urls is None:
+            self.ref_urls, self.ref_weights = readable_shards(args.ref_data, factors=args.ref_data_upsampling_factors)
         if args.ref_teacher_cache and self.teacher_cache is None:
             self.teacher_cache = open_teacher_cache(args, preprocess_fns[1], tokenizer, self.weights_hash,
                                                     self.ref_urls)
@@ -187,13 +207,28 @@ class RobustPlugin:
             self.reference.set_epoch(epoch)
         self.loss.on_train_epoch_start(model)
 
-    def step_inputs(self, args, model, batch, images, texts):
-        if self.loss is None:
-            return {}
+    def _loss_inputs(self, args, model, batch, images, texts):
         reference = None
         if self.reference is not None:  # WithReference appended it to the loader's batch
             batch, reference = batch[:-1], batch[-1].to(torch.device(args.device), get_input_dtype(args.precision))
         return self.loss.step_inputs(model, self.frozen, images, texts, reference, batch=batch)
+
+    def before_forward(self, args, model, batch, images, texts, backward):
+        """--ref-backward separate: the reference terms' forward and backward, before the target's forward."""
+        if self.loss is None or args.ref_backward != "separate":
+            return
+        # DDP: gradients are reduced once, in the loop's backward (also those of parameters only one branch reaches)
+        with getattr(model, "no_sync", contextlib.nullcontext)():
+            with get_autocast(args.precision, device_type=torch.device(args.device).type)():
+                terms, log_only = self.loss.regularizer(logit_scale=None,
+                                                        **self._loss_inputs(args, model, batch, images, texts))
+            backward(sum(terms.values()))
+        self.loss.precomputed = ({k: v.detach() for k, v in terms.items()}, log_only)
+
+    def step_inputs(self, args, model, batch, images, texts):
+        if self.loss is None or args.ref_backward == "separate":  # separate: before_forward did it
+            return {}
+        return self._loss_inputs(args, model, batch, images, texts)
 
     def on_optimizer_step(self, args, model, step):
         if self.loss is not None:

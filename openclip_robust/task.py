@@ -101,6 +101,9 @@ class RobustTaskPlugin:
             return
         if getattr(args, "distill_model", None):
             raise ValueError("--robust-loss and --distill-model each replace the training task: use one")
+        if args.ref_backward == "separate":  # a backward inside the task's forward would break compiled steps
+            raise ValueError("--ref-backward separate runs on the 3.x loop (release, v3) only; on main use the "
+                             "default (joint) or --grad-checkpointing to save memory")
         model = args.model.lower()
         if any(name in model for name in UNSUPPORTED_MODELS) or getattr(args, "use_naflex", False):
             raise ValueError(f"--robust-loss runs image-text CLIP models (CLIPTask's inputs); --model {args.model} "

@@ -152,3 +152,19 @@ def test_plugin_groups_follow_the_schedule_with_their_own_weight_decay(tmp_path,
         plugin = [wd for _, wd, is_plugin in groups if is_plugin]
         assert plugin == [0.0]  # the kernel's γ and c: no weight decay (KUEA), whatever --wd
         assert 0.2 in [wd for _, wd, is_plugin in groups if not is_plugin]  # upstream's own groups keep --wd
+
+
+# -- --ref-backward separate: the reference terms backwarded before the target forward ---------------------
+@pytest.mark.parametrize("method", ["snd", "dive"])
+def test_separate_reference_backward_gives_the_joint_gradient(tmp_path, monkeypatch, tiny_model_dir, csv_target,
+                                                              ref_shards, teacher_file, fewshot_target, method):
+    flags = method_flags(method, ref_shards, teacher_file, fewshot_target)
+    g1, joint = one_step(tmp_path, monkeypatch, "joint", tiny_model_dir, csv_target, B, 1, flags)
+    g2, separate = one_step(tmp_path, monkeypatch, "separate", tiny_model_dir, csv_target, B, 1,
+                            flags + ["--ref-backward", "separate"])
+    assert g1.keys() == g2.keys() and len(g1) >= 10
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-8, msg=f"{method}: {name}")
+    if method == "dive":
+        m1, m2 = (c["plugins"]["robust"]["loss"]["_extra_state"]["m"] for c in (joint, separate))
+        assert m1.abs().max() > 0 and torch.equal(m1, m2)

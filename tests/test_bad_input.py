@@ -175,3 +175,10 @@ def test_setup_names_an_unreadable_sdist(tmp_path, capsys, content):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"set-up error: {sdist}: ") and len(err.splitlines()) == 1
     assert ("no such file" if content is None else "not a readable .tar.gz") in err
+
+
+@pytest.mark.parametrize("extra, named", [(["--robust-loss", "replay"], "not replay"),
+                                          (["--robust-loss", "dive", "--accum-freq", "2"], "not 2")])
+def test_separate_reference_backward_only_where_it_is_exact(capsys, ref_shards, extra, named):
+    err = cli_error([*extra, "--ref-data", ref_shards, "--ref-backward", "separate"], capsys)
+    assert "--ref-backward separate: needs a method whose reference terms are separable" in err and named in err

@@ -12,7 +12,7 @@ from openclip_robust import precise
 from openclip_robust.losses.base import sq_dist
 from openclip_robust.losses.dive import DiVELoss
 from openclip_robust.losses.snd import SnDLoss
-from openclip_robust.teachers.frozen import frozen_copy
+from openclip_robust.teachers.frozen import exact_half_dtype, frozen_copy
 
 
 def args(mode="fp32", **kw):
@@ -111,3 +111,25 @@ def test_kernel_refuses_fp32_differences_with_half_weights():
                         kernel_teacher_cache=None, diff_precision="fp32", precision="pure_bf16")
     with pytest.raises(ValueError, match="--precision pure_bf16.*--diff-precision autocast"):
         KernelAlignmentLoss.validate_args(a)
+
+
+# -- the frozen copy's matmul weights in half precision, where that is exact ---------------------------
+def test_half_frozen_weights_are_exact_under_the_runs_autocast(models):
+    _, frozen, batch = models
+    half = frozen_copy(frozen, torch.bfloat16)
+    dtypes = {p.dtype for p in half.parameters()}
+    assert dtypes == {torch.float32, torch.bfloat16}  # matmul weights halved; norms, biases, embeddings kept
+    full_bytes, half_bytes = (sum(p.numel() * p.element_size() for p in m.parameters()) for m in (frozen, half))
+    assert full_bytes - half_bytes == 2 * sum(p.numel() for p in half.parameters() if p.dtype == torch.bfloat16) > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(half.encode_image(batch.images), frozen.encode_image(batch.images))
+        assert torch.equal(half.encode_text(batch.texts), frozen.encode_text(batch.texts))
+
+
+@pytest.mark.parametrize("precision, diff, fsdp, dtype", [
+    ("amp_bf16", "autocast", False, torch.bfloat16), ("amp", "autocast", False, torch.float16),
+    ("amp_bf16", "fp32", False, None),      # the default: frozen forwards in fp32, weights must stay fp32
+    ("fp32", "autocast", False, None), ("pure_bf16", "autocast", False, None),  # no autocast / already half
+    ("amp_bf16", "autocast", True, None)])  # FSDP2: upstream turns its autocast off
+def test_half_frozen_weights_only_where_exact(precision, diff, fsdp, dtype):
+    assert exact_half_dtype(precision, diff, fsdp) is dtype

@@ -114,3 +114,16 @@ def test_resume_continues_m_exactly(tmp_path, tiny_model_dir, target_shards, ref
     assert gap < 1e-3 * moved, (gap, moved)
     assert logged(tmp_path, "resumed", "Dive_avl") == pytest.approx(logged(tmp_path, "straight", "Dive_avl")[1:],
                                                                     rel=1e-3)
+
+
+def test_identical_runs_write_bit_identical_checkpoints(tmp_path, tiny_model_dir, target_shards, ref_shards):
+    """patch 0005 seeds upstream's sample shuffle from --seed, the epoch, the rank and the worker: the same
+    arguments give the same batches, hence the same weights; another --seed gives other batches."""
+    common = ["--robust-loss", "dive", "--ref-data", ref_shards, "--ref-batch-size", "8", "--dive-lambda", "10"]
+    for name, seed in (("a", "0"), ("b", "0"), ("other", "1")):
+        argv = train_args(tmp_path, name, tiny_model_dir, target_shards, *common, epochs=2)
+        argv[argv.index("--seed") + 1] = seed
+        assert run_main(argv) is None
+    a, b, other = (load_ckpt(tmp_path, name, 2)["state_dict"] for name in ("a", "b", "other"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)

@@ -53,7 +53,8 @@ def get_image_only_wds(args, preprocess_img, epoch, tokenizer, teacher_cache=Non
     pipeline += [
         lambda src: tarfile_to_samples_nothrow(src, handler=guard.handler),
         *([wds.map(cache.attach)] if cache is not None else []),
-        wds.shuffle(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL),
+        detshuffle2(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch,
+                    per_worker=True),  # seeded like upstream's (patch 0005)
         wds.select(guard.keep),
         wds.decode("pilrgb", handler=guard.handler),
         wds.rename(image=IMAGE_KEYS),

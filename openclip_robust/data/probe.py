@@ -19,11 +19,11 @@ import re
 import threading
 import time
 
-import torch.distributed as dist
 import webdataset as wds
 from open_clip_train.data import tarfile_to_samples_nothrow
 
 from openclip_robust.checks import require
+from openclip_robust.distributed import all_gather_objects
 from openclip_robust.data.shard_format import IMAGE_EXTS, has_image
 
 CAPTION_MISSING_MAX = 0.10  # share of probed samples (with an image) that may lack the caption; more: an error
@@ -230,12 +230,7 @@ def probe_stream(flag, urls, stages, need_caption=True, rank=0, timeout_s=120.0,
 def raise_on_any_rank(errors):
     """Every rank raises DataError when any rank found a problem (so none waits for another)."""
     errors = [e for e in errors if e]
-    mine = "; ".join(errors) or None
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        problems = [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
-    else:
-        problems = [mine] if mine else []
+    gathered = all_gather_objects("; ".join(errors) or None)
+    problems = [(f"rank {r}: {e}" if len(gathered) > 1 else e) for r, e in enumerate(gathered) if e]
     if problems:
         raise DataError("openclip-robust: data probe failed before step 1: " + " | ".join(problems))

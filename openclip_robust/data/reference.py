@@ -25,6 +25,7 @@ from open_clip_train.data import (
     tarfile_to_samples_nothrow)
 
 from openclip_robust.data.probe import FailureGuard
+from openclip_robust.distributed import all_gather_objects, rank_and_world
 from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, has_image, is_local, tar_samples
 
 
@@ -60,19 +61,24 @@ def readable_shards(spec, flag="--ref-data", factors=None):
     """Expand `spec` (braces, '::') and drop local shards that cannot be read, with a warning.
 
     Remote URLs are kept as they are. No readable shard at all is an error, raised before training:
-    a resampled stream over unreadable shards would otherwise spin forever. Returns (urls, weights):
-    the per-shard weights of `factors` (see source_weights), None when it is None.
+    a resampled stream over unreadable shards would otherwise spin forever. Under torch.distributed each
+    rank opens only its share of the shards (every world-th) and the ranks exchange what they found, so
+    a job opens each shard once and every rank drops the same ones. Returns (urls, weights): the
+    per-shard weights of `factors` (see source_weights), None when it is None.
     """
     urls, _ = expand_urls(spec)
     weights = source_weights(spec, factors)
+    rank, world = rank_and_world()
+    mine = {url: ("missing" if not os.path.exists(url) else "unreadable or without image+txt samples")
+            for url in urls[rank::world] if is_local(url) and not first_sample_ok(url)}
+    bad = {url: reason for found in all_gather_objects(mine) for url, reason in found.items()}
     good, good_weights = [], []
     for i, url in enumerate(urls):
-        if not is_local(url) or first_sample_ok(url):
+        if url not in bad:
             good.append(url)
             good_weights.append(None if weights is None else weights[i])
-        else:
-            reason = "missing" if not os.path.exists(url) else "unreadable or without image+txt samples"
-            logging.warning(f"{flag}: skipping shard {url} ({reason})")
+        elif rank == 0:
+            logging.warning(f"{flag}: skipping shard {url} ({bad[url]})")
     if not good:
         raise ValueError(
             f"{flag} {spec!r}: no readable shard ({len(urls)} listed). Give webdataset .tar shards whose "

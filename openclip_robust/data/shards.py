@@ -14,6 +14,7 @@ Unreadable images are skipped, never silently: one ``logging.warning`` with the 
 names, and the full list in ``OUT/skipped.txt``.
 """
 import csv
+import functools
 import io
 import json
 import logging
@@ -82,16 +83,30 @@ def folder_classnames(root):
 
 
 # -- image encoding --------------------------------------------------------------------------------
-def encode_image(data):
+def shorter_side_to(img, size):
+    """Resize so the shorter side is `size` (never up), as open_clip's eval transform (torchvision
+    Resize(size), bicubic) computes it, so that its own resize then leaves the image as it is."""
+    short, long = sorted(img.size)
+    if short <= size:
+        return img
+    new_long = int(size * long / short)
+    w, h = (size, new_long) if img.width <= img.height else (new_long, size)
+    return img.resize((w, h), Image.BICUBIC)
+
+
+def encode_image(data, resize=None):
     """Decode fully (raises on corrupt data) and return (ext, bytes) to store.
 
     JPEG/PNG bytes are kept as they are; other formats become PNG; transparency is composited onto
-    white (clip art: PIL's plain RGB conversion would turn transparent pixels black).
+    white (clip art: PIL's plain RGB conversion would turn transparent pixels black). With `resize`,
+    the shorter side is brought down to it (``shorter_side_to``): PNG stays lossless, JPEG is re-encoded
+    at quality 95.
     """
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
-        if not alpha and img.format in ("JPEG", "PNG"):
+        small = resize is None or min(img.size) <= resize
+        if not alpha and img.format in ("JPEG", "PNG") and small:
             return ("jpg" if img.format == "JPEG" else "png"), data
         if alpha:
             rgba = img.convert("RGBA")
@@ -99,15 +114,21 @@ def encode_image(data):
             out.paste(rgba, mask=rgba.getchannel("A"))
         else:
             out = img.convert("RGB")
+        jpeg = img.format == "JPEG"
+    if resize is not None:
+        out = shorter_side_to(out, resize)
     buf = io.BytesIO()
+    if jpeg:
+        out.save(buf, format="JPEG", quality=95)
+        return "jpg", buf.getvalue()
     out.save(buf, format="PNG")
     return "png", buf.getvalue()
 
 
-def _read_encoded(path):
+def _read_encoded(path, resize=None):
     try:
         with open(path, "rb") as f:
-            return encode_image(f.read()), None
+            return encode_image(f.read(), resize), None
     except Exception as e:  # any decoder failure (PIL raises OSError, ValueError, SyntaxError, ...)
         return None, f"{type(e).__name__}: {e}"
 
@@ -151,13 +172,15 @@ def write_samples(out_dir, samples, per_shard):
             "num_shards": len(sizes), "dir": str(out_dir)}
 
 
-def _write_shards(records, out_dir, samples_per_shard, workers, desc):
-    """records: list of (image path, {field: text}), images read and re-encoded; unreadable ones skipped
-    (warned, listed in skipped.txt). Writes shards + sizes.json; returns write_samples' summary + "skipped"."""
+def _write_shards(records, out_dir, samples_per_shard, workers, desc, resize=None):
+    """records: list of (image path, {field: text}), images read and re-encoded (shorter side brought down
+    to `resize`, when given); unreadable ones skipped (warned, listed in skipped.txt). Writes shards +
+    sizes.json; returns write_samples' summary + "skipped"."""
     skipped = []
+    read = functools.partial(_read_encoded, resize=resize)
 
     def encoded(pool):
-        for (path, fields), (enc, error) in tqdm(zip(records, _bounded_map(pool, _read_encoded, records)),
+        for (path, fields), (enc, error) in tqdm(zip(records, _bounded_map(pool, read, records)),
                                                  total=len(records), desc=desc):
             if enc is None:
                 skipped.append((str(path), error))
@@ -295,15 +318,19 @@ def caption_records(source, image_root=None):
     return pairs
 
 
-def make_ref_shards(source, out_dir, samples_per_shard=1000, seed=0, shuffle=True, workers=4, image_root=None):
-    """Write reference shards (image + ``txt``) + sizes.json from a caption table or caption folder."""
+def make_ref_shards(source, out_dir, samples_per_shard=1000, seed=0, shuffle=True, workers=4, image_root=None,
+                    resize=None):
+    """Write reference shards (image + ``txt``) + sizes.json from a caption table or caption folder; with
+    `resize` (the model's image size), images are stored already resized as the eval transform would."""
     pairs = caption_records(source, image_root)
     if not pairs:
         raise ValueError(f"{source}: no captioned images found")
     if shuffle:
         random.Random(seed).shuffle(pairs)
+    if resize is not None and resize < 1:
+        raise ValueError(f"--resize {resize}: give the model's image size in pixels (>= 1)")
     return _write_shards([(p, {"txt": c}) for p, c in pairs], out_dir, samples_per_shard, workers,
-                         "reference shards")
+                         "reference shards", resize)
 
 
 # -- reading / checking ----------------------------------------------------------------------------

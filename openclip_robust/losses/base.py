@@ -22,6 +22,8 @@ class RobustLoss(nn.Module):
     # (not probed: the method's own loader reads other fields and checks them itself)
     target_samples = "image+caption"
     resume_settings = ()  # flags that shape the loss state: --resume refuses a checkpoint written with others
+    # the regulariser reads only step_inputs' reference outputs (not the target's): --ref-backward separate
+    separable_reference = False
 
     @classmethod
     def add_args(cls, group):
@@ -35,6 +37,7 @@ class RobustLoss(nn.Module):
         super().__init__()
         self.contrastive = create_loss(args)  # ClipLoss / SigLipLoss, with upstream's gathering
         self.precise = precise.wants_fp32(args)  # --diff-precision: fp32 forwards for differenced outputs
+        self.precomputed = None  # (terms detached, log_only) of a regulariser already backwarded this step
 
     def setup(self, args, model):
         """The freshly loaded model, before locking, DDP and resume: freeze towers, build teachers."""
@@ -72,7 +75,10 @@ class RobustLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False, **inputs):
         extra = {} if logit_bias is None else {"logit_bias": logit_bias}
         losses = self.contrastive(image_features, text_features, logit_scale, output_dict=True, **extra)
-        terms, log_only = self.regularizer(logit_scale=logit_scale, **inputs)
+        if self.precomputed is not None:  # --ref-backward separate: computed and backwarded before the forward
+            (terms, log_only), self.precomputed = self.precomputed, None
+        else:
+            terms, log_only = self.regularizer(logit_scale=logit_scale, **inputs)
         losses.update(terms)
         if not output_dict:
             return sum(losses.values())

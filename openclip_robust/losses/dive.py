@@ -31,6 +31,7 @@ class DiVELoss(RobustLoss):
     needs_reference = True
     needs_frozen = True
     frozen_on_reference_only = True  # --ref-teacher-cache can replace the frozen model
+    separable_reference = True
     resume_settings = ("dive_distance", "dive_terms", "dive_alpha")  # m's shape and meaning
 
     @classmethod

@@ -11,6 +11,7 @@ class SnDLoss(RobustLoss):
     needs_reference = True
     needs_frozen = True
     frozen_on_reference_only = True  # --ref-teacher-cache can replace the frozen model
+    separable_reference = True
 
     @classmethod
     def add_args(cls, group):

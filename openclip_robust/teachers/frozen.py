@@ -1,14 +1,52 @@
 """The frozen pre-trained model, and BatchNorm statistics kept frozen in the student."""
 import copy
 
+import torch
 from torch import nn
 
 
-def frozen_copy(model):
-    """A copy of `model` as loaded (eval mode, no gradient); the caller keeps it out of DDP."""
+AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
+MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def frozen_copy(model, half=None):
+    """A copy of `model` as loaded (eval mode, no gradient); the caller keeps it out of DDP. With `half`
+    (a dtype), its matmul weights are stored in it (``half_matmul_weights``)."""
     frozen = copy.deepcopy(model).eval()
     frozen.requires_grad_(False)
+    if half is not None:
+        half_matmul_weights(frozen, half)
     return frozen
+
+
+def exact_half_dtype(precision, diff_precision, fsdp=False):
+    """The dtype the frozen copy's matmul weights can be held in without changing its outputs: the run's
+    autocast dtype when the frozen forwards run under that autocast (--diff-precision autocast, --precision
+    amp / amp_bf16, no FSDP, which turns upstream's autocast off); else None (keep them as loaded)."""
+    if diff_precision != "autocast" or fsdp:
+        return None
+    return AUTOCAST_DTYPES.get(precision)
+
+
+def half_matmul_weights(model, dtype):
+    """Store in `dtype` the weights that autocast casts to it anyway before its matmuls and convolutions
+    (Linear, Conv, attention in-projections), so outputs under that autocast are bit-identical at half
+    the memory. Biases and everything else stay as they are (a bf16 MultiheadAttention in_proj_bias is
+    not exact on CPU: measured). Returns the bytes saved."""
+    # open_clip's Transformer casts its input to its first MLP weight's dtype (get_cast_dtype): keep that dtype
+    for module in model.modules():
+        if callable(getattr(module, "get_cast_dtype", None)):
+            module.get_cast_dtype = (lambda dtype: lambda: dtype)(module.get_cast_dtype())
+    saved = 0
+    for module in model.modules():
+        weights = [module.weight] if isinstance(module, MATMUL_MODULES) else []
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            weights.append(module.in_proj_weight)
+        for w in weights:
+            if w.is_floating_point() and w.element_size() > torch.finfo(dtype).bits // 8:
+                saved += w.numel() * (w.element_size() - torch.finfo(dtype).bits // 8)
+                w.data = w.data.to(dtype)
+    return saved
 
 
 def freeze_bn_stats(model):

@@ -1,4 +1,9 @@
 """The reference stream: weighted '::' sources as upstream weights --train-data; the reference riding in the batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -44,3 +49,22 @@ def test_the_reference_rides_as_the_last_field_or_under_its_key():
     dicts = WithReference(type("L", (), {"num_batches": 1, "num_samples": 2,
                                          "__iter__": lambda self: iter([{"image": 1, "text": 2}])})(), stream, 0)
     assert list(dicts) == [{"image": 1, "text": 2, REFERENCE_KEY: "ref"}]
+
+
+@pytest.mark.slow
+def test_ranks_share_the_shard_scan_and_drop_the_same_shards(tmp_path, ref_shards):
+    """torchrun, 2 processes, gloo: each shard is opened by one rank only; the corrupt one, found by one
+    rank, is dropped by both."""
+    bad = tmp_path / "corrupt.tar"
+    bad.write_bytes(b"not a tar" * 100)
+    spec = f"{ref_shards}::{bad}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29300 + os.getpid() % 200), str(Path(__file__).parent / "dist_shard_scan_worker.py"), spec, str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    urls, _ = readable_shards(ref_shards)
+    assert sorted(ranks[0]["opened"] + ranks[1]["opened"]) == sorted(urls + [str(bad)])  # each once
+    assert ranks[0]["opened"] and ranks[1]["opened"]
+    assert ranks[0]["good"] == ranks[1]["good"] == urls

@@ -269,3 +269,28 @@ def test_write_samples_rolls_shards_keys_in_order_and_writes_sizes(tmp_path):
     assert empty["num_samples"] == 0 and not (tmp_path / "empty" / "sizes.json").exists()
     with pytest.raises(ValueError, match="samples_per_shard must be >= 1"):
         shards.write_samples(tmp_path / "zero", [{"txt": "x"}], 0)
+
+
+def test_pre_resized_reference_shards_give_the_eval_transforms_pixels(tmp_path, tiny_model_dir):
+    """--resize N stores what the eval transform's resize would make of each image, so its own resize then
+    changes nothing: the preprocessed tensors are equal. Smaller images are stored as they are."""
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
+    size = preprocess.transforms[0].size
+    size = size if isinstance(size, int) else size[0]
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    shapes = {"wide": (2 * size + 7, 3 * size + 5), "tall": (4 * size + 1, 2 * size + 3), "small": (size - 2, size)}
+    for name, (h, w) in shapes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{name}.png")
+        (tmp_path / "img" / f"{name}.txt").write_text(name)
+    out = shards.make_ref_shards(str(tmp_path / "img"), str(tmp_path / "ref"), workers=1, resize=size)
+    for sample in wds.WebDataset(out["shards"].replace("{000000..000000}", "000000"), shardshuffle=False):
+        name = sample["txt"].decode()
+        original = Image.open(tmp_path / "img" / f"{name}.png").convert("RGB")
+        stored = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+        assert min(stored.size) == min(size, min(original.size)), name
+        assert torch.equal(preprocess(stored), preprocess(original)), name
+        if name == "small":
+            assert sample["png"] == (tmp_path / "img" / "small.png").read_bytes()
+    with pytest.raises(ValueError, match="--resize 0"):
+        shards.make_ref_shards(str(tmp_path / "img"), str(tmp_path / "ref0"), workers=1, resize=0)
