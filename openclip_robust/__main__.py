@@ -225,7 +225,7 @@ COMMANDS = {
     "evaluate": ("evaluate checkpoints on a suite: JSON + markdown table + plot", _eval_args, _eval_run),
     "rsa": ("RSA geometry score of fine-tuned vs pre-trained embeddings", _rsa_args, _rsa_run),
     "wise": ("WiSE-FT weight interpolation, a chosen on the ID role", _wise_args, _wise_run),
-    "cache-teacher": ("teacher outputs, once (torchrun: one part per rank): the frozen model's embeddings of "
+    "cache-teacher": ("teacher outputs, once, one file per data shard (resumable): the frozen model's embeddings of "
                       "--ref-data, or the kernel teacher's features of --train-data",
                       _cache_args, _cache_run),
     "report": ("table + plot from results.json files (mean ± std over seeds)", _report_args, _report_run),

@@ -44,7 +44,8 @@ def open_teacher_cache(args, preprocess, tokenizer, weights_hash, ref_urls):
         args.force_quick_gelu, args.force_image_size,
         args.force_context_length, weights_hash=weights_hash)
     cache.check(current, ref_urls)
-    logging.info(f"openclip-robust: frozen reference embeddings from {args.ref_teacher_cache} ({len(cache)} samples)")
+    logging.info(f"openclip-robust: frozen reference embeddings from {args.ref_teacher_cache} ({len(cache)} samples, "
+                 f"{cache.manifest['dtype']}, read per shard by the reference loader's workers)")
     return cache
 
 

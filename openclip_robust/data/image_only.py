@@ -5,9 +5,10 @@ pipeline (upstream's shard shuffling, resampling, node/worker split, shared epoc
 without that filter; each sample's "text" is the tokenized empty caption, so upstream's loop,
 which unpacks ``images, texts``, runs unchanged. For losses that never read the text side.
 
-With ``with_keys`` (the kernel method's ``--kernel-teacher-cache``) each batch is
-``(images, texts, keys)``: upstream's loop reads the first two, and the plugin's step hook hands the
-whole batch, keys included, to the loss.
+With a ``teacher_cache`` (the kernel method's ``--kernel-teacher-cache``) each batch is
+``(images, texts, keys, teacher_features)``, the cached rows read in the loader workers from the
+cache files of the shards they read: upstream's loop reads the first two, and the plugin's step hook
+hands the whole batch to the loss.
 """
 import math
 
@@ -27,7 +28,7 @@ def is_webdataset(args):
 
 
 
-def get_image_only_wds(args, preprocess_img, epoch, tokenizer, with_keys=False):
+def get_image_only_wds(args, preprocess_img, epoch, tokenizer, teacher_cache=None):
     shards = args.train_data
     num_samples, num_shards = args.train_num_samples, None
     if num_samples is None:
@@ -48,8 +49,10 @@ def get_image_only_wds(args, preprocess_img, epoch, tokenizer, with_keys=False):
     empty_caption = tokenizer("")[0]
     # failures in a row stop the run instead of spinning over broken shards (data/probe.py)
     guard = FailureGuard("--train-data", args.data_failure_limit, need_caption=False)
+    cache = teacher_cache  # rows noted in shard order (before the shuffle), read after decoding
     pipeline += [
         lambda src: tarfile_to_samples_nothrow(src, handler=guard.handler),
+        *([wds.map(cache.attach)] if cache is not None else []),
         detshuffle2(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch,
                     per_worker=True),  # seeded like upstream's (patch 0005)
         wds.select(guard.keep),
@@ -57,8 +60,8 @@ def get_image_only_wds(args, preprocess_img, epoch, tokenizer, with_keys=False):
         wds.rename(image=IMAGE_KEYS),
         wds.map_dict(image=preprocess_img, handler=guard.handler),
         wds.map(guard.decoded),
-        wds.map((lambda sample: (sample["image"], empty_caption, sample["__key__"])) if with_keys
-                else (lambda sample: (sample["image"], empty_caption))),
+        wds.map((lambda sample: (sample["image"], empty_caption, sample["__key__"], *cache.rows_of(sample)))
+                if cache is not None else (lambda sample: (sample["image"], empty_caption))),
         wds.batched(args.batch_size, partial=False),
     ]
     dataset = wds.DataPipeline(*pipeline)

@@ -151,9 +151,9 @@ def sample_stages(preprocess, tokenizer, handler):
 class ReferenceStream:
     """Per-rank batches of B' reference pairs; `set_epoch` restarts the stream with that epoch's seed.
 
-    With a `teacher_cache` (``openclip_robust.teacher_cache.TeacherCache``) each batch also carries
-    the cached frozen embeddings of its samples. ``last_wait_s`` is the time the last ``next_batch``
-    waited for data (loader, cache look-up, copy to the device).
+    With a `teacher_cache` (``openclip_robust.teachers.cache.TeacherCache``) each batch also carries
+    the cached frozen embeddings of its samples, read in the loader workers from the cache files of the
+    shards they stream. ``last_wait_s`` is the time the last ``next_batch`` waited for data.
     """
 
     def __init__(self, args, urls, preprocess, tokenizer, weights=None, teacher_cache=None):
@@ -168,14 +168,21 @@ class ReferenceStream:
 
         # failures in a row stop the stream instead of spinning over broken shards (data/probe.py)
         guard = FailureGuard("--ref-data", getattr(args, "data_failure_limit", 200))
+        cache = teacher_cache
+        # with a cache: each sample notes its row while samples are still in shard order (one shard file
+        # open at a time), and its rows join the tuple after decoding, so they are batched with it
+        note_rows = [wds.map(cache.attach)] if cache is not None else []
+        fields = ((lambda s: (s["image"], s["text"], s["__key__"], *cache.rows_of(s))) if cache is not None
+                  else (lambda s: (s["image"], s["text"], s["__key__"])))
         pipeline = wds.DataPipeline(
             ResampledShards2(urls, weights=weights, deterministic=True, worker_seed=seed_fn, epoch=self.epoch),
             lambda src: tarfile_to_samples_nothrow(src, handler=guard.handler),
+            *note_rows,
             SeededShuffle(_SAMPLE_SHUFFLE_SIZE, _SAMPLE_SHUFFLE_INITIAL, seed_fn, self.epoch),  # upstream's sizes
             wds.select(guard.keep),
             *sample_stages(preprocess, tokenizer, guard.handler),
             wds.map(guard.decoded),
-            wds.to_tuple("image", "text", "__key__"),
+            wds.map(fields),
             wds.batched(args.ref_batch_size, partial=False),
         )
         self.loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.ref_workers,
@@ -191,7 +198,7 @@ class ReferenceStream:
         start = time.perf_counter()
         if self._it is None:
             self.set_epoch(self.epoch.get_value())
-        images, texts, keys = next(self._it)
-        frozen = self.teacher_cache.lookup(keys, "cpu") if self.teacher_cache is not None else None
+        images, texts, keys, *rows = next(self._it)
+        frozen = dict(zip(self.teacher_cache.features, rows)) if self.teacher_cache is not None else None
         self.last_wait_s = time.perf_counter() - start
         return ReferenceBatch(images, texts, list(keys), frozen)

@@ -9,9 +9,10 @@ L = L_reg + w·L_kernel on target images only, text tower frozen:
 No contrastive term: KUEA trains on images alone.
 
 --kernel-teacher-cache DIR (from `openclip-robust cache-teacher --train-data ... --kernel-teacher ...`)
-replaces the teacher's forward by a look-up of its cached features by sample key; no teacher is
-built. Target images then use the deterministic eval transform, not the random train transform, so
-that they are the pixels the cache was computed from (the price of exactness: no augmentation).
+replaces the teacher's forward by its cached features, read per shard in the loader workers and
+delivered in the batch; no teacher is built. Target images then use the deterministic eval
+transform, not the random train transform, so that they are the pixels the cache was computed from
+(the price of exactness: no augmentation).
 """
 import logging
 
@@ -163,7 +164,7 @@ class KernelAlignmentLoss(RobustLoss):
         self.student_kernel = Kernel(args.kernel_type, args.kernel_degree, args.kernel_gamma, args.kernel_coef,
                                      args.kernel_sigma, trainable=not args.kernel_fixed)
         self.teacher, self.teacher_kernel, self._student_out = None, None, None
-        self.cache = None  # --kernel-teacher-cache: TeacherCache, read by the sample keys in each batch
+        self.cache = None  # --kernel-teacher-cache: TeacherCache, read by the loader (rows in batch[3])
 
     # The student's unnormalised projected embedding is the image tower's output, which CLIP's
     # forward normalises before it reaches the loss: a forward hook keeps it, at no extra cost.
@@ -206,23 +207,25 @@ class KernelAlignmentLoss(RobustLoss):
         preprocess = preprocess_fns[1]
         teacher_cache.assert_deterministic(preprocess, "the target preprocessing for --kernel-teacher-cache")
         self.cache.check(self.cache_provenance(args, preprocess), teacher_cache.target_shards(args.train_data))
-        data["train"] = get_image_only_wds(args, preprocess, epoch, tokenizer, with_keys=True)
+        data["train"] = get_image_only_wds(args, preprocess, epoch, tokenizer, teacher_cache=self.cache)
         logging.info(f"openclip-robust: kernel teacher features from {args.kernel_teacher_cache} ({len(self.cache)} "
-                     f"samples x {self.cache.dims()['teacher_features']}, {self.cache.nbytes() / 2 ** 20:.1f} MiB "
-                     f"memory-mapped); no teacher is run, and the target images use the deterministic eval transform "
-                     f"(no augmentation) so that they match the cache")
+                     f"samples x {self.cache.dims()['teacher_features']} {self.cache.manifest['dtype']}, "
+                     f"{self.cache.nbytes() / 2 ** 20:.1f} MiB memory-mapped, read per shard by the loader); no "
+                     f"teacher is run, and the target images use the deterministic eval transform (no augmentation) "
+                     f"so that they match the cache")
 
     def teacher_features(self, images, batch=None):
-        """The teacher's features of this batch: computed, or looked up by the sample keys it carries."""
+        """The teacher's features of this batch: computed, or the cached rows its loader put in it."""
         if self.cache is None:
             return self.teacher(images)
-        if batch is None or len(batch) < 3:
-            raise RuntimeError("--kernel-teacher-cache: the cache is read by the sample keys that the image-only "
-                               "webdataset loader built by add_data puts in each batch, and this batch has none")
-        keys = list(batch[2])
-        if len(keys) != images.shape[0]:
-            raise RuntimeError(f"--kernel-teacher-cache: {len(keys)} keys for a batch of {images.shape[0]} images")
-        return self.cache.lookup(keys, images.device)["teacher_features"]
+        if batch is None or len(batch) < 4:
+            raise RuntimeError("--kernel-teacher-cache: the cached rows come in each batch of the image-only "
+                               "webdataset loader built by add_data (after the sample keys), and this batch has none")
+        rows = batch[3]
+        if rows.shape[0] != images.shape[0]:
+            raise RuntimeError(f"--kernel-teacher-cache: {rows.shape[0]} cached rows for a batch of "
+                               f"{images.shape[0]} images")
+        return rows.to(images.device, non_blocking=True)
 
     def step_inputs(self, model, frozen, images, texts, reference=None, batch=None):
         student, self._student_out = self._student_out, None

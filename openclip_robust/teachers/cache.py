@@ -18,13 +18,17 @@ their training augmentation), and a random transform is refused here, both when 
 training. The cache records what produced it (see ``KINDS``: model config, weights hash,
 preprocessing, tokenizer; or teacher name, teacher weights hash, teacher resolution, student
 preprocessing); training refuses a cache whose record differs from the run's, naming both values.
-Under torchrun each rank embeds its share of the shards and writes its own part.
+Under torchrun the ranks take the data shards round-robin.
 
-Layout: ``DIR/manifest.json`` (kind, provenance, shards, parts; written last, so its presence marks
-a complete cache) and ``DIR/part-RRRRR.pt`` per rank: ``{"keys": [...], <feature>: (N, d), ...}`` in
-fp32, features ``image_features`` and ``text_features`` (reference) or ``teacher_features``
-(kernel-teacher). Samples are keyed by their webdataset ``__key__``, unique across shards. Parts are
-memory-mapped when read: N × d × 4 bytes per feature on disk, resident only as pages are touched.
+Layout (format 2): ``DIR/shards/IIIII-<shard basename>.pt`` per data shard, ``{"keys": [...] in the
+shard's order, <feature>: (N, d)}`` in fp32 or fp16 (``--cache-dtype``), features ``image_features``
+and ``text_features`` (reference) or ``teacher_features`` (kernel-teacher); ``DIR/build.json`` (what is
+being built) and ``DIR/manifest.json`` (kind, provenance, dtype, dims, shards, files, counts), written
+last, so its presence marks a complete cache. Each shard file is written atomically, so a build that
+stops resumes: the same command skips the files already there. Training opens a shard's file
+(memory-mapped) in the loader worker that reads the shard, looks samples up by key within that shard,
+and the rows travel in the batch: no process holds an index over the whole cache. Format 1 caches
+(one part per build rank) are refused with the command to rebuild.
 """
 import functools
 import hashlib
@@ -33,7 +37,7 @@ import logging
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import open_clip
 import timm
@@ -48,7 +52,14 @@ from openclip_robust.data.shard_format import IMAGE_KEYS, has_image, is_local
 from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags, teacher_input_size
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+BUILD = "build.json"  # what an unfinished build is building: a resumed build must match it
+SHARD_DIR = "shards"
+FORMAT_VERSION = 2
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# shard files a process keeps open: `attach` needs one (samples arrive in shard order); samples in the
+# shuffle buffer keep their own shard's file mapped until they leave it; a second saves a re-open
+OPEN_SHARDS = 2
+ROW_KEY = "__teacher_row__"  # where a sample notes its cached row between the tar reader and batching
 RANDOM_TRANSFORM = re.compile(r"Random|Jitter|Augment|AugMix|Trivial|Blur|Erasing|Grayscale")
 
 # What each kind holds, which training flag reads it, and which provenance fields must match the run's
@@ -182,7 +193,8 @@ def read_manifest(cache_dir, kind="reference"):
     path = os.path.join(cache_dir, MANIFEST)
     if not os.path.isfile(path):
         raise ValueError(f"{spec['flag']} {cache_dir}: no {MANIFEST} there (not a cache, or its build did not "
-                         f"finish); build one with {spec['build']}")
+                         f"finish: run the same cache-teacher command again to resume it); build one with "
+                         f"{spec['build']}")
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -191,81 +203,155 @@ def read_manifest(cache_dir, kind="reference"):
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{spec['flag']} {cache_dir}: {path} is not a cache manifest ({type(e).__name__}); the "
                          f"cache is damaged: rebuild it with {spec['build']}") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{spec['flag']} {cache_dir}: format {manifest.get('format')} (expected "
-                         f"{FORMAT_VERSION}); rebuild it")
     found = manifest.get("kind", "reference")
     if found != kind:
         other = KINDS.get(found, {})
         raise ValueError(f"{spec['flag']} {cache_dir}: a {found!r} cache ({other.get('what', 'unknown kind')}, read "
                          f"by {other.get('flag', 'nothing')}), not a {kind!r} cache ({spec['what']}); build one "
                          f"with {spec['build']}")
+    if manifest.get("format") != FORMAT_VERSION:
+        old = " (one part per build rank, before per-shard files)" if manifest.get("format") == 1 else ""
+        raise ValueError(f"{spec['flag']} {cache_dir}: cache format {manifest.get('format')}{old}, this version "
+                         f"reads format {FORMAT_VERSION}; rebuild it into a new folder with {spec['build']}")
     return manifest
 
 
+def shard_file_names(urls):
+    """One file per data shard, named after it; its position in the list keeps equal basenames of
+    '::'-joined sources apart."""
+    return [f"{SHARD_DIR}/{i:05d}-{os.path.basename(u)}.pt" for i, u in enumerate(urls)]
+
+
+class ShardRows:
+    """One shard's cached rows, memory-mapped: its keys in order and (N, d) features; key -> row is
+    built at the first look-up (one dict per open shard, never one over the cache)."""
+
+    def __init__(self, path, features, damaged):
+        try:
+            data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            keys = data["keys"]
+            if not isinstance(keys, list) or any(data[n].dim() != 2 or len(data[n]) != len(keys) for n in features):
+                raise ValueError("keys and rows disagree")
+        except Exception as e:  # truncated, random bytes, another file: all mean the file is damaged
+            raise ValueError(damaged(path, e)) from None
+        self.path, self.keys = path, keys
+        self.features = {n: data[n] for n in features}
+        self._row = None
+
+    def __len__(self):
+        return len(self.keys)
+
+    def row(self, key):
+        if self._row is None:
+            self._row = {k: i for i, k in enumerate(self.keys)}
+        return self._row.get(key)
+
+
 class TeacherCache:
-    """Cached teacher outputs by sample key; ``lookup(keys, device)`` gives a dict of (len(keys), d) fp32
-    rows per feature of the kind (for the reference kind: like a model output)."""
+    """Cached teacher outputs per data shard. Opening reads the manifest only; a shard's file is opened
+    (memory-mapped) when a sample of that shard is read, in whichever process reads it (the loader
+    workers), and at most OPEN_SHARDS stay open per process.
+
+    In a webdataset pipeline: ``wds.map(cache.attach)`` right after the tar reader (samples still in
+    shard order) notes each sample's row; ``cache.rows_of(sample)`` after decoding gives its rows (fp32),
+    which are batched with the sample. ``lookup(url, keys)`` reads rows directly."""
 
     def __init__(self, cache_dir, kind="reference"):
         self.dir, self.kind = cache_dir, kind
         self.spec = KINDS[kind]
         self.manifest = read_manifest(cache_dir, kind)
-        self.parts, self.index = [], {}
-        for p, name in enumerate(self.manifest["parts"]):
-            path = os.path.join(cache_dir, name)
-            if not os.path.isfile(path):
-                raise ValueError(f"{self.spec['flag']} {cache_dir}: part {name} is missing; rebuild the cache")
-            try:
-                part = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                if not isinstance(part, dict) or "keys" not in part:
-                    raise ValueError("no sample keys")
-            except Exception as e:  # truncated, random bytes, another file: all mean the part is damaged
-                raise ValueError(f"{self.spec['flag']} {cache_dir}: part {path} does not load ({type(e).__name__}); "
-                                 f"the cache is damaged: rebuild it with {self.spec['build']}") from None
-            self.parts.append(part)
-            self.index.update({key: (p, row) for row, key in enumerate(part["keys"])})
+        self.features = tuple(self.spec["features"])
+        urls, files = self.manifest["shards"], self.manifest["files"]
+        self.by_url = {u: os.path.join(cache_dir, f) for u, f in zip(urls, files)}
+        bases = Counter(os.path.basename(u) for u in urls)  # a moved data folder still finds its files
+        self.by_base = {os.path.basename(u): p for u, p in self.by_url.items() if bases[os.path.basename(u)] == 1}
+        missing = [p for p in self.by_url.values() if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"{self.spec['flag']} {cache_dir}: shard file {missing[0]} is missing ({len(missing)} "
+                             f"of {len(files)}); the cache is damaged: rebuild it with {self.spec['build']}")
+        self._open = OrderedDict()
+
+    def __getstate__(self):  # a loader worker opens its own shards
+        return {**self.__dict__, "_open": OrderedDict()}
 
     def __len__(self):
-        return len(self.index)
+        return self.manifest["samples"]
 
     def dims(self):
-        """{feature: d} from the first non-empty part."""
-        part = next((p for p in self.parts if len(p["keys"])), None)
-        if part is None:
+        """{feature: d}."""
+        if not self.manifest["samples"]:
             raise ValueError(f"{self.spec['flag']} {self.dir}: the cache holds no sample; rebuild it over the "
                              f"same {self.spec['data_flag']}")
-        return {name: part[name].shape[-1] for name in self.spec["features"]}
+        return dict(self.manifest["dims"])
 
     def nbytes(self):
-        return sum(p[n].numel() * p[n].element_size() for p in self.parts for n in self.spec["features"])
+        """Bytes of cached rows (on disk, memory-mapped)."""
+        itemsize = DTYPES[self.manifest["dtype"]].itemsize
+        return self.manifest["samples"] * sum(self.manifest["dims"].values()) * itemsize
+
+    def file_of(self, url):
+        path = self.by_url.get(url) or self.by_base.get(os.path.basename(url))
+        if path is None:
+            cached = sorted(os.path.basename(u) for u in self.by_url)
+            raise ValueError(f"{self.spec['flag']} {self.dir}: {self.spec['data_flag']} shard {url} was not cached "
+                             f"(cached: {len(cached)} shards such as {cached[0] if cached else 'none'}); rebuild the "
+                             f"cache over the same {self.spec['data_flag']}")
+        return path
 
     def check(self, current, urls=()):
-        """Refuse a cache whose provenance differs from `current`, or that was built over other shards."""
+        """Refuse a cache whose provenance differs from `current`, that was built over other shards, or
+        whose files for `urls` are not whole zip files (random bytes, truncation): before training, by
+        reading 26 bytes per file, not in a loader worker mid-run."""
         check_provenance(self.manifest["provenance"], current, self.dir, self.kind)
-        flag, data_flag = self.spec["flag"], self.spec["data_flag"]
-        cached = {os.path.basename(u) for u in self.manifest["shards"]}
-        missing = [u for u in urls if os.path.basename(u) not in cached]
-        if missing:
-            raise ValueError(f"{flag} {self.dir}: {data_flag} shard {missing[0]} ({len(missing)} in all) "
-                             f"was not cached (cached: {len(cached)} shards such as "
-                             f"{sorted(cached)[0] if cached else 'none'}); rebuild the cache over the same {data_flag}")
+        for url in urls:
+            path = self.file_of(url)
+            with open(path, "rb") as f:
+                head = f.read(4)
+                f.seek(max(0, os.path.getsize(path) - 22))
+                tail = f.read(4)
+            if head != b"PK\x03\x04" or tail != b"PK\x05\x06":  # torch.save's zip: local header, end record
+                raise ValueError(self._damaged(path, ValueError("not a whole torch.save file")))
 
-    def lookup(self, keys, device):
-        try:
-            where = torch.tensor([self.index[k] for k in keys]).reshape(-1, 2)
-        except KeyError as e:
-            raise KeyError(f"{self.spec['flag']} {self.dir}: sample key {e.args[0]!r} is not cached; "
-                           f"rebuild the cache over the same {self.spec['data_flag']}") from None
-        out = {}
-        for name in self.spec["features"]:
-            parts = where[:, 0].unique().tolist()
-            rows = torch.empty(len(keys), self.parts[parts[0]][name].shape[-1])
-            for p in parts:
-                sel = (where[:, 0] == p).nonzero().squeeze(1)
-                rows[sel] = self.parts[p][name].index_select(0, where[sel, 1])
-            out[name] = rows.to(device, non_blocking=True)
-        return out
+    def _damaged(self, path, error):
+        return (f"{self.spec['flag']} {self.dir}: shard file {path} does not load ({type(error).__name__}); the "
+                f"cache is damaged: rebuild it with {self.spec['build']}")
+
+    def shard(self, url):
+        """The open ShardRows of the data shard `url` (least recently used ones closed)."""
+        path = self.file_of(url)
+        rows = self._open.pop(path, None) or ShardRows(path, self.features, self._damaged)
+        self._open[path] = rows
+        while len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return rows
+
+    def _missing(self, key, url):
+        return KeyError(f"{self.spec['flag']} {self.dir}: sample key {key!r} of {url} is not cached; rebuild the "
+                        f"cache over the same {self.spec['data_flag']}")
+
+    def attach(self, sample):
+        """wds.map stage: note where the sample's rows are (None if not cached: it may yet be filtered out)."""
+        shard = self.shard(sample["__url__"])
+        row = shard.row(sample["__key__"])
+        sample[ROW_KEY] = None if row is None else (shard, row)
+        return sample
+
+    def rows_of(self, sample):
+        """The sample's rows, one fp32 tensor (d,) per feature, from what `attach` noted."""
+        where = sample.get(ROW_KEY)
+        if where is None:
+            raise self._missing(sample["__key__"], sample.get("__url__"))
+        shard, row = where
+        return tuple(shard.features[n][row].to(torch.float32, copy=True) for n in self.features)
+
+    def lookup(self, url, keys, device="cpu"):
+        """{feature: (len(keys), d) fp32} of these keys of the data shard `url`."""
+        shard = self.shard(url)
+        rows = [shard.row(k) for k in keys]
+        if None in rows:
+            raise self._missing(keys[rows.index(None)], url)
+        index = torch.tensor(rows, dtype=torch.long)
+        return {n: shard.features[n].index_select(0, index).float().to(device) for n in self.features}
 
 
 # -- building --------------------------------------------------------------------------------------
@@ -274,73 +360,117 @@ def _dist_env():
 
 
 def _shard_loader(urls, preprocess, tokenizer, batch_size, workers):
-    """Every sample of `urls` once, in order: (keys, images, texts) batches of image-caption samples, or
-    with `tokenizer` None (keys, images) batches of every sample with an image (as the image-only
+    """Every sample of `urls` once: (urls, keys, images, texts) batches of image-caption samples, or with
+    `tokenizer` None (urls, keys, images) batches of every sample with an image (as the image-only
     training loader reads them)."""
     if tokenizer is None:
         stages = [wds.select(has_image), wds.decode("pilrgb", handler=log_and_continue),
-                  wds.rename(image=IMAGE_KEYS), wds.map_dict(image=preprocess), wds.to_tuple("__key__", "image")]
+                  wds.rename(image=IMAGE_KEYS), wds.map_dict(image=preprocess),
+                  wds.to_tuple("__url__", "__key__", "image")]
     else:
         stages = [wds.select(filter_no_caption_or_no_image), wds.decode("pilrgb", handler=log_and_continue),
                   wds.rename(image=IMAGE_KEYS, text="txt"),
                   wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
-                  wds.to_tuple("__key__", "image", "text")]
+                  wds.to_tuple("__url__", "__key__", "image", "text")]
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, tarfile_to_samples_nothrow, *stages,
                                 wds.batched(batch_size, partial=True))
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=min(workers, len(urls)))
 
 
 def _start(out_dir, device):
-    """Process group (barriers only), device, and a fresh output folder: (rank, world, device)."""
+    """Process group (barriers only), device, and the output folder: (rank, world, device)."""
     rank, world, local_rank = _dist_env()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="gloo")  # barriers only
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if rank == 0 and os.path.exists(os.path.join(out_dir, MANIFEST)):
-        raise ValueError(f"cache-teacher: {out_dir} already holds a cache; delete it or choose another --out")
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise ValueError(f"cache-teacher: {out_dir} already holds a complete cache; delete it or choose another --out")
+    os.makedirs(os.path.join(out_dir, SHARD_DIR), exist_ok=True)
     return rank, world, device
 
 
-def _embed(urls, preprocess, tokenizer, batch_size, workers, forward, names):
-    """(keys, {name: (N, d) fp32}) of every sample of `urls`; forward(*batch tensors) -> {name: tensor}."""
-    keys, feats = [], {name: [] for name in names}
-    if urls:
-        for batch_keys, *tensors in _shard_loader(urls, preprocess, tokenizer, batch_size, workers):
-            out = forward(*tensors)
-            keys.extend(batch_keys)
-            for name in names:
-                feats[name].append(out[name].float().cpu())
-    return keys, {name: torch.cat(v) if v else torch.empty(0) for name, v in feats.items()}
+def _save_atomic(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
-def _finish(out_dir, kind, record, urls, data_spec, keys, feats, rank, world, start, n_shards):
-    """Write this rank's part; rank 0 then checks keys across parts and writes the manifest (last)."""
-    part = {"keys": keys, **feats}
-    name = f"part-{rank:05d}.pt"
-    torch.save(part, os.path.join(out_dir, name + ".tmp"))
-    os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    logging.info(f"cache-teacher rank {rank}: {len(keys)} samples of {n_shards} shards in {time.time() - start:.1f} s")
+def _claim(out_dir, build, rank, world):
+    """A build resumes only into a folder begun with the same kind, provenance, dtype and shards."""
+    path = os.path.join(out_dir, BUILD)
+    build = json.loads(json.dumps(build))  # as read back: tuples are lists
+    if os.path.isfile(path):
+        with open(path) as f:
+            begun = json.load(f)
+        differs = [k for k in build if begun.get(k) != build[k]]
+        if differs:
+            raise ValueError(f"cache-teacher: {out_dir} holds an unfinished build with another {differs[0]} "
+                             f"(its shard files would not match); delete it, or choose another --out")
+    elif rank == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(build, f, indent=1)
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        torch.distributed.barrier()
 
+
+def _embed_shards(out_dir, urls, files, loader, forward, names, dtype, workers, rank):
+    """Embed the data shards `urls` and write one file each (atomically), `workers` shards per loader
+    pass (one per worker), so an interrupted build loses at most the pass it was in. Files already
+    written (an earlier, interrupted build) are kept: the build resumes."""
+    todo = [(u, f) for u, f in zip(urls, files) if not os.path.isfile(os.path.join(out_dir, f))]
+    if len(todo) < len(urls):
+        logging.info(f"cache-teacher rank {rank}: resuming, {len(urls) - len(todo)} of {len(urls)} shard files "
+                     f"already written")
+    step = max(1, workers)
+    for start in range(0, len(todo), step):
+        group = todo[start:start + step]
+        keys = {u: [] for u, _ in group}
+        feats = {u: {n: [] for n in names} for u, _ in group}
+        for batch_urls, batch_keys, *tensors in loader([u for u, _ in group]):
+            out = {n: t.float().cpu() for n, t in forward(*tensors).items()}
+            for i, (u, k) in enumerate(zip(batch_urls, batch_keys)):
+                keys[u].append(k)
+                for n in names:
+                    feats[u][n].append(out[n][i])
+        for u, f in group:
+            dup = [k for k, c in Counter(keys[u]).items() if c > 1]
+            if dup:
+                raise ValueError(f"cache-teacher: sample key {dup[0]!r} occurs more than once in shard {u} "
+                                 f"({len(dup)} such keys); keys must be unique within a shard")
+            rows = {n: torch.stack(v).to(DTYPES[dtype]) if v else torch.empty(0, 0, dtype=DTYPES[dtype])
+                    for n, v in feats[u].items()}
+            _save_atomic({"keys": keys[u], **rows}, os.path.join(out_dir, f))
+
+
+def _build(out_dir, kind, record, dtype, urls, rank, world, loader, forward, workers):
+    """Claim the folder, embed this rank's shards (round-robin), then rank 0 writes the manifest (last)."""
+    names = KINDS[kind]["features"]
+    if dtype not in DTYPES:
+        raise ValueError(f"cache-teacher --cache-dtype {dtype!r}: give one of {', '.join(DTYPES)}")
+    files = shard_file_names(urls)
+    _claim(out_dir, {"format": FORMAT_VERSION, "kind": kind, "provenance": record, "dtype": dtype, "shards": urls},
+           rank, world)
+    start = time.time()
+    _embed_shards(out_dir, urls[rank::world], files[rank::world], loader, forward, names, dtype, workers, rank)
+    logging.info(f"cache-teacher rank {rank}: {len(urls[rank::world])} shards in {time.time() - start:.1f} s")
     if world > 1:
         torch.distributed.barrier()
     manifest = None
     if rank == 0:
-        parts = [f"part-{r:05d}.pt" for r in range(world)]
-        counts = Counter()
-        for p in parts:
-            counts.update(torch.load(os.path.join(out_dir, p), map_location="cpu", mmap=True, weights_only=True)["keys"])
-        dup = sorted(k for k, n in counts.items() if n > 1)
-        if dup:
-            raise ValueError(f"cache-teacher: sample key {dup[0]!r} occurs more than once in "
-                             f"{KINDS[kind]['data_flag']} {data_spec} ({len(dup)} such keys); keys must be unique "
-                             f"across shards (as img2dataset writes them)")
-        total = sum(counts.values())
-        manifest = {"format": FORMAT_VERSION, "kind": kind, "provenance": record, "shards": urls, "parts": parts,
-                    "samples": total}
-        with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        counts, dims = [], {}
+        for f in files:
+            shard = ShardRows(os.path.join(out_dir, f), names,
+                              lambda p, e: f"cache-teacher: {p} does not load ({type(e).__name__}); delete it and "
+                                           f"run the same command again")
+            counts.append(len(shard))
+            if len(shard):
+                dims = {n: shard.features[n].shape[1] for n in names}
+        manifest = {"format": FORMAT_VERSION, "kind": kind, "provenance": record, "dtype": dtype, "dims": dims,
+                    "shards": urls, "files": files, "counts": counts, "samples": sum(counts)}
+        with open(os.path.join(out_dir, MANIFEST) + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
+        os.replace(os.path.join(out_dir, MANIFEST) + ".tmp", os.path.join(out_dir, MANIFEST))
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -350,7 +480,7 @@ def _finish(out_dir, kind, record, urls, data_spec, keys, feats, rank, world, st
 def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32", batch_size=256, workers=4,
                 device=None, seed=0, force_quick_gelu=False, force_image_size=None, force_context_length=None,
                 image_mean=None, image_std=None, image_interpolation=None, image_resize_mode=None,
-                diff_precision="fp32"):
+                diff_precision="fp32", dtype="fp32"):
     """Reference kind: embed every reference sample with the model as upstream loads it, by the frozen
     forward training runs (fp32 under --diff-precision fp32); returns the manifest (rank 0)."""
     # here: upstream's main module; at the top it would load main.py a second time under python -m open_clip_train.main
@@ -370,7 +500,6 @@ def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32"
                         force_quick_gelu, force_image_size, force_context_length)
 
     urls, _ = readable_shards(ref_data)
-    mine = urls[rank::world]
     autocast = get_autocast(precision, device_type=torch.device(device).type)
     input_dtype = open_clip.get_input_dtype(precision)
 
@@ -379,9 +508,9 @@ def build_cache(model_name, ref_data, out_dir, pretrained=None, precision="fp32"
             return precise.forward(diff_precision == "fp32", model, images.to(device=device, dtype=input_dtype),
                                    texts.to(device))
 
-    start = time.time()
-    keys, feats = _embed(mine, preprocess, tokenizer, batch_size, workers, forward, KINDS["reference"]["features"])
-    return _finish(out_dir, "reference", record, urls, ref_data, keys, feats, rank, world, start, len(mine))
+    loader = functools.partial(_shard_loader, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size,
+                               workers=workers)
+    return _build(out_dir, "reference", record, dtype, urls, rank, world, loader, forward, workers)
 
 
 def target_shards(train_data):
@@ -397,7 +526,7 @@ def target_shards(train_data):
 def build_kernel_teacher_cache(teacher, teacher_pretrained, train_data, out_dir, model_name, pretrained=None,
                                teacher_image_size=None, precision="fp32", batch_size=256, workers=4, device=None,
                                force_image_size=None, image_mean=None, image_std=None, image_interpolation=None,
-                               image_resize_mode=None):
+                               image_resize_mode=None, dtype="fp32"):
     """Kernel-teacher kind: the timm teacher's pooled features of every target image, as
     ``--robust-loss kernel`` computes them in training from the student's eval-transformed batch;
     returns the manifest (rank 0). The student's weights are not loaded: only its preprocessing counts."""
@@ -420,7 +549,6 @@ def build_kernel_teacher_cache(teacher, teacher_pretrained, train_data, out_dir,
     if tuple(record["teacher_image_size"]) != tuple(vision.size):  # the record's size is the one the teacher uses
         raise RuntimeError(f"teacher input size {vision.size} vs recorded {record['teacher_image_size']}")
 
-    mine = urls[rank::world]
     autocast = get_autocast(precision, device_type=torch.device(device).type)
     input_dtype = open_clip.get_input_dtype(precision)
 
@@ -428,9 +556,9 @@ def build_kernel_teacher_cache(teacher, teacher_pretrained, train_data, out_dir,
         with torch.no_grad(), autocast():
             return {"teacher_features": vision(images.to(device=device, dtype=input_dtype))}
 
-    start = time.time()
-    keys, feats = _embed(mine, preprocess, None, batch_size, workers, forward, KINDS["kernel-teacher"]["features"])
-    return _finish(out_dir, "kernel-teacher", record, urls, train_data, keys, feats, rank, world, start, len(mine))
+    loader = functools.partial(_shard_loader, preprocess=preprocess, tokenizer=None, batch_size=batch_size,
+                               workers=workers)
+    return _build(out_dir, "kernel-teacher", record, dtype, urls, rank, world, loader, forward, workers)
 
 
 # -- the `openclip-robust cache-teacher` command ---------------------------------------------------
@@ -451,6 +579,9 @@ def add_cli_args(p):
     p.add_argument("--precision", default="fp32", help="upstream's --precision for the teacher's forward")
     p.add_argument("--diff-precision", choices=("fp32", "autocast"), default="fp32",
                    help="as in training (reference caches): the frozen forward in fp32, or under --precision's autocast")
+    p.add_argument("--cache-dtype", choices=tuple(DTYPES), default="fp32",
+                   help="how the rows are stored (read back as fp32): fp16 halves the disk and page cache, and "
+                        "rounds each value to ~5e-4 of itself")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=4, help="data loader workers per rank")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -478,7 +609,7 @@ def run_cli(a):
         manifest = build_cache(a.model, a.ref_data, a.out, a.pretrained, a.precision, a.batch_size, a.workers,
                                a.device, a.seed, a.force_quick_gelu, a.force_image_size, a.force_context_length,
                                a.image_mean, a.image_std, a.image_interpolation, a.image_resize_mode,
-                               a.diff_precision)
+                               a.diff_precision, a.cache_dtype)
     else:
         if not a.kernel_teacher or not a.kernel_teacher_pretrained:
             raise ValueError("--train-data caches the kernel teacher's features: give --kernel-teacher and "
@@ -486,6 +617,6 @@ def run_cli(a):
         manifest = build_kernel_teacher_cache(
             a.kernel_teacher, a.kernel_teacher_pretrained, a.train_data, a.out, a.model, a.pretrained,
             a.kernel_teacher_image_size, a.precision, a.batch_size, a.workers, a.device, a.force_image_size,
-            a.image_mean, a.image_std, a.image_interpolation, a.image_resize_mode)
+            a.image_mean, a.image_std, a.image_interpolation, a.image_resize_mode, a.cache_dtype)
     if manifest is not None:
-        print(json.dumps({k: manifest[k] for k in ("kind", "samples", "parts")}))
+        print(json.dumps({k: manifest[k] for k in ("kind", "samples", "dtype")} | {"shards": len(manifest["files"])}))

@@ -342,7 +342,7 @@ def test_kernel_cache_holds_the_teachers_view_of_every_target_image(kernel_cache
                        .decode("pilrgb")))
     mean, std = val.transforms[-1].mean, val.transforms[-1].std
     want = VisionTeacher("test_vit", teacher_file, mean, std, image_size=48)(val(sample["png"])[None])
-    torch.testing.assert_close(cache.lookup([sample["__key__"]], "cpu")["teacher_features"], want,
+    torch.testing.assert_close(cache.lookup(sample["__url__"], [sample["__key__"]])["teacher_features"], want,
                                rtol=1e-5, atol=1e-6)
 
 
@@ -371,7 +371,7 @@ def test_cached_features_reach_step_inputs_batch_by_batch(kernel_cache, tiny_mod
     empty = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")("")[0]
     n = 0
     for batch in loader:
-        images, texts, keys = batch  # the keys ride in the batch, for the plugin's step hook to pass on
+        images, texts, keys, rows = batch  # the rows ride in the batch, read by the loader's workers
         got = loss.step_inputs(model, frozen, images, texts, batch=batch)["kernel_teacher"]
         torch.testing.assert_close(got, teacher(images), rtol=1e-5, atol=1e-6)
         assert torch.equal(texts, empty.expand_as(texts))  # the text slot is untouched
@@ -379,8 +379,8 @@ def test_cached_features_reach_step_inputs_batch_by_batch(kernel_cache, tiny_mod
     assert n == 8 == loader.num_batches
     with pytest.raises(RuntimeError, match="this batch has none"):
         loss.step_inputs(model, frozen, images, texts, batch=(images, texts))
-    with pytest.raises(RuntimeError, match="3 keys for a batch of"):
-        loss.step_inputs(model, frozen, images, texts, batch=(images, texts, keys[:3]))
+    with pytest.raises(RuntimeError, match="3 cached rows for a batch of"):
+        loss.step_inputs(model, frozen, images, texts, batch=(images, texts, keys, rows[:3]))
 
 
 @pytest.mark.slow
@@ -452,8 +452,7 @@ def test_sample_missing_from_the_kernel_cache_is_a_clear_error(tmp_path, kernel_
                 sink.write({"__key__": f"new{s}{i:03d}", "png": samples[8 * s + i]["png"]})
     model, frozen, loss, loader = loss_with_cache(tiny_model_dir, str(folder / "{000000..000001}.tar"),
                                                   teacher_file, kernel_cache)
-    batch = next(iter(loader))
-    images, texts = batch[0], batch[1]
     with pytest.raises(KeyError, match=rf"--kernel-teacher-cache {re.escape(kernel_cache)}: sample key 'new\d+' "
-                                       rf"is not cached; rebuild the cache over the same --train-data"):
-        loss.step_inputs(model, frozen, images, texts, batch=batch)
+                                       rf"of .*regenerated/00000\d.tar is not cached; rebuild the cache over the "
+                                       rf"same --train-data"):
+        next(iter(loader))  # in the loader's worker, which reads the rows

@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+import tarfile
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -10,9 +12,12 @@ import torch
 from open_clip_train.params import parse_args
 from open_clip_train.plugins import PluginManager
 
+from openclip_robust.data.reference import ReferenceStream
+from openclip_robust.data.shard_format import tar_samples
 from openclip_robust.data.shards import write_samples
 from openclip_robust.demo.samples import photo_samples, tiny_model
 from openclip_robust.plugin import RobustPlugin
+from openclip_robust.teachers import cache as teacher_cache
 from openclip_robust.teachers.cache import (
     TeacherCache, assert_deterministic, build_cache, check_provenance, preprocess_fingerprint)
 from test_training_e2e import logged, run_main, train_args
@@ -43,11 +48,11 @@ def test_cache_holds_the_frozen_embeddings_of_every_sample(cache_dir, tiny_model
                        .decode("pilrgb")))
     with torch.no_grad():
         want = model(preprocess(sample["png"])[None], tokenizer([sample["txt"]]))
-    got = cache.lookup([sample["__key__"]], "cpu")
+    got = cache.lookup(sample["__url__"], [sample["__key__"]])
     for name in ("image_features", "text_features"):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
-    with pytest.raises(KeyError, match="sample key 'nope' is not cached"):
-        cache.lookup(["nope"], "cpu")
+    with pytest.raises(KeyError, match="sample key 'nope' of .*000001.tar is not cached; rebuild the cache"):
+        cache.lookup(sample["__url__"], ["nope"])
 
 
 @pytest.mark.slow
@@ -138,15 +143,21 @@ def test_missing_cache_dir_is_refused_before_training(capsys, tmp_path, ref_shar
     assert "no manifest.json there" in capsys.readouterr().err
 
 
-def test_duplicate_keys_are_refused(tmp_path, tiny_model_dir):
+def test_equal_keys_and_basenames_in_two_sources_get_their_own_files(tmp_path, tiny_model_dir):
+    """Rows are looked up within a shard, so keys need only be unique within one (upstream's loader
+    allows repeats across tars); two sources' 000000.tar get two files."""
     a = write_samples(str(tmp_path / "a"), photo_samples(4), 4)["shards"]
-    b = write_samples(str(tmp_path / "b"), photo_samples(4), 4)["shards"]  # same keys 000000000..
-    with pytest.raises(ValueError, match="occurs more than once"):
-        build_cache(f"local-dir:{tiny_model_dir}", f"{a}::{b}", str(tmp_path / "cache"), workers=0)
+    b = write_samples(str(tmp_path / "b"), photo_samples(6)[2:], 4)["shards"]  # same keys 000000000.., other images
+    manifest = build_cache(f"local-dir:{tiny_model_dir}", f"{a}::{b}", str(tmp_path / "cache"), workers=0)
+    assert manifest["files"] == ["shards/00000-000000.tar.pt", "shards/00001-000000.tar.pt"]
+    cache = TeacherCache(str(tmp_path / "cache"))
+    rows_a, rows_b = (cache.lookup(u, ["000000002"])["image_features"] for u in manifest["shards"])
+    torch.testing.assert_close(rows_a, cache.lookup(manifest["shards"][1], ["000000000"])["image_features"])
+    assert not torch.allclose(rows_a, rows_b)  # photo 2 of a is photo 0 of b
 
 
 @pytest.mark.slow
-def test_torchrun_build_writes_one_part_per_rank(tmp_path, tiny_model_dir, ref_shards, cache_dir):
+def test_torchrun_ranks_take_the_shards_round_robin(tmp_path, tiny_model_dir, ref_shards, cache_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + os.getpid() % 1000), "-m", "openclip_robust", "cache-teacher", "--model",
@@ -154,9 +165,98 @@ def test_torchrun_build_writes_one_part_per_rank(tmp_path, tiny_model_dir, ref_s
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     two, one = TeacherCache(str(tmp_path / "c2")), TeacherCache(cache_dir)
-    assert two.manifest["parts"] == ["part-00000.pt", "part-00001.pt"]
-    assert all(len(p["keys"]) > 0 for p in two.parts)  # 3 shards split over 2 ranks
-    keys = sorted(one.index)
-    assert sorted(two.index) == keys
-    for name in ("image_features", "text_features"):
-        torch.testing.assert_close(two.lookup(keys, "cpu")[name], one.lookup(keys, "cpu")[name], rtol=1e-5, atol=1e-6)
+    assert two.manifest["files"] == one.manifest["files"] and two.manifest["counts"] == [16, 16, 16]
+    for url in one.manifest["shards"]:  # shards 0 and 2 embedded by rank 0, shard 1 by rank 1
+        keys = one.shard(url).keys
+        assert two.shard(url).keys == keys
+        for name in ("image_features", "text_features"):
+            torch.testing.assert_close(two.lookup(url, keys)[name], one.lookup(url, keys)[name], rtol=1e-5, atol=1e-6)
+
+
+# -- the per-shard layout --------------------------------------------------------------------------
+def test_one_file_per_data_shard_holds_that_shards_keys_in_order(cache_dir):
+    manifest = TeacherCache(cache_dir).manifest
+    assert sorted(os.listdir(cache_dir)) == ["build.json", "manifest.json", "shards"]
+    assert manifest["files"] == [f"shards/{i:05d}-{i:06d}.tar.pt" for i in range(3)]
+    assert manifest["counts"] == [16, 16, 16] and manifest["dtype"] == "fp32" and manifest["format"] == 2
+    for url, name in zip(manifest["shards"], manifest["files"]):
+        with tarfile.open(url) as tar:
+            want = [key for key, _ in tar_samples(tar)]
+        stored = torch.load(os.path.join(cache_dir, name), weights_only=True)
+        assert stored["keys"] == want
+        assert stored["image_features"].shape == (16, manifest["dims"]["image_features"])
+        assert stored["image_features"].dtype == torch.float32
+
+
+def test_reference_stream_opens_only_its_shards_file_and_delivers_the_teachers_rows(cache_dir, tiny_model_dir,
+                                                                                      monkeypatch):
+    """A rank streaming shard 1 of 3 opens that shard's file once; each batch carries the frozen model's
+    embeddings of its own samples."""
+    opened, real = [], teacher_cache.ShardRows.__init__
+    monkeypatch.setattr(teacher_cache.ShardRows, "__init__",
+                        lambda self, path, *a: (opened.append(os.path.basename(path)), real(self, path, *a))[1])
+    cache = TeacherCache(cache_dir)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}", output_dict=True)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
+    args = SimpleNamespace(rank=0, seed=0, ref_batch_size=8, ref_workers=0, device="cpu", data_failure_limit=200)
+    stream = ReferenceStream(args, [cache.manifest["shards"][1]], preprocess, tokenizer, teacher_cache=cache)
+    for _ in range(3):
+        batch = stream.next_batch()
+        assert all(16 <= int(k) < 32 for k in batch.keys)  # shard 1's samples
+        with torch.no_grad():
+            want = model(batch.images, batch.texts)
+        for name in ("image_features", "text_features"):
+            torch.testing.assert_close(batch.frozen[name], want[name], rtol=1e-5, atol=1e-6)
+    assert opened == ["00001-000001.tar.pt"]  # once, though the resampled stream read the shard many times
+
+
+def test_fp16_cache_rows_equal_fp32_to_fp16_rounding(tmp_path, cache_dir, tiny_model_dir, ref_shards):
+    out = str(tmp_path / "half")
+    build_cache(f"local-dir:{tiny_model_dir}", ref_shards, out, batch_size=20, workers=0, dtype="fp16")
+    half, full = TeacherCache(out), TeacherCache(cache_dir)
+    assert half.manifest["dtype"] == "fp16" and 2 * half.nbytes() == full.nbytes()
+    assert torch.load(os.path.join(out, half.manifest["files"][0]), weights_only=True)["text_features"].dtype \
+        == torch.float16
+    for url in full.manifest["shards"]:
+        keys = full.shard(url).keys
+        for name in ("image_features", "text_features"):
+            got, want = half.lookup(url, keys)[name], full.lookup(url, keys)[name]
+            assert got.dtype == torch.float32 and not torch.equal(got, want)  # rounded, read back as fp32
+            torch.testing.assert_close(got, want, rtol=2 ** -11, atol=1e-7)
+
+
+def test_interrupted_build_resumes_recomputing_only_the_missing_shards(tmp_path, cache_dir, tiny_model_dir,
+                                                                        ref_shards, monkeypatch):
+    out, model = str(tmp_path / "resumed"), f"local-dir:{tiny_model_dir}"
+    real_save, real_loader, saved, embedded = teacher_cache._save_atomic, teacher_cache._shard_loader, [], []
+
+    def save_then_die(obj, path):  # killed while writing the second shard's file
+        if saved:
+            open(path + ".tmp", "wb").write(b"PK\x03\x04 half written")
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(obj, path)
+    with monkeypatch.context() as m:
+        m.setattr(teacher_cache, "_save_atomic", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(model, ref_shards, out, batch_size=20, workers=0)
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == ["00000-000000.tar.pt", "00001-000001.tar.pt.tmp"]
+    with pytest.raises(ValueError, match="no manifest.json there .*run the same cache-teacher command again"):
+        TeacherCache(out)
+    with pytest.raises(ValueError, match="holds an unfinished build with another dtype"):
+        build_cache(model, ref_shards, out, batch_size=20, workers=0, dtype="fp16")
+
+    monkeypatch.setattr(teacher_cache, "_shard_loader",
+                        lambda urls, *a, **k: (embedded.extend(urls), real_loader(urls, *a, **k))[1])
+    manifest = build_cache(model, ref_shards, out, batch_size=20, workers=0)
+    assert [os.path.basename(u) for u in embedded] == ["000001.tar", "000002.tar"]
+    full = TeacherCache(cache_dir)
+    assert manifest == full.manifest
+    assert sorted("shards/" + f for f in os.listdir(os.path.join(out, "shards"))) == full.manifest["files"]
+    resumed = TeacherCache(out)
+    for url in full.manifest["shards"]:
+        keys = full.shard(url).keys
+        for name in ("image_features", "text_features"):
+            torch.testing.assert_close(resumed.lookup(url, keys)[name], full.lookup(url, keys)[name], rtol=1e-5,
+                                       atol=1e-6)

@@ -34,11 +34,39 @@ def test_random_bytes_as_cache_manifest(tmp_path):
         teacher_cache.read_manifest(str(tmp_path))
 
 
-def test_random_bytes_as_cache_part(tmp_path):
-    manifest = {"format": teacher_cache.FORMAT_VERSION, "kind": "reference", "provenance": {}, "shards": [],
-                "parts": ["part-000000.pt"]}
+def one_shard_cache(tmp_path, fmt=teacher_cache.FORMAT_VERSION):
+    """A manifest over one data shard /data/000000.tar, with its file name: (cache, the file's path)."""
+    manifest = {"format": fmt, "kind": "reference", "provenance": {}, "dtype": "fp32",
+                "dims": {"image_features": 4, "text_features": 4}, "shards": ["/data/000000.tar"],
+                "files": ["shards/00000-000000.tar.pt"], "counts": [2], "samples": 2}
     (tmp_path / teacher_cache.MANIFEST).write_text(json.dumps(manifest))
-    (tmp_path / "part-000000.pt").write_bytes(os.urandom(2048))
-    with pytest.raises(ValueError, match=rf"--ref-teacher-cache {tmp_path}: part .*part-000000.pt does not load "
-                                         rf"\(\w+\); the cache is damaged: rebuild it"):
+    (tmp_path / "shards").mkdir()
+    return tmp_path / "shards" / "00000-000000.tar.pt"
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated"])
+def test_damaged_shard_file_is_one_error_before_training_and_in_the_loader(tmp_path, damage):
+    path = one_shard_cache(tmp_path)
+    if damage == "random":
+        path.write_bytes(os.urandom(2048))
+    else:
+        torch.save({"keys": ["a", "b"], "image_features": torch.ones(2, 4), "text_features": torch.ones(2, 4)}, path)
+        path.write_bytes(path.read_bytes()[:-100])
+    cache = teacher_cache.TeacherCache(str(tmp_path))  # opening reads the manifest only
+    message = (rf"--ref-teacher-cache {tmp_path}: shard file {path} does not load \(\w+\); the cache is damaged: "
+               rf"rebuild it with `openclip-robust cache-teacher --ref-data")
+    with pytest.raises(ValueError, match=message):
+        cache.check({}, ["/elsewhere/000000.tar"])  # what training checks, before step 1
+    with pytest.raises(ValueError, match=message):
+        cache.lookup("/data/000000.tar", ["a"])  # what a loader worker meets
+
+
+def test_missing_shard_file_and_old_format_are_refused_on_opening(tmp_path):
+    path = one_shard_cache(tmp_path)
+    with pytest.raises(ValueError, match=rf"shard file {path} is missing \(1 of 1\); the cache is damaged: rebuild"):
         teacher_cache.TeacherCache(str(tmp_path))
+    (tmp_path / "old").mkdir()
+    one_shard_cache(tmp_path / "old", fmt=1)
+    with pytest.raises(ValueError, match=r"cache format 1 \(one part per build rank, before per-shard files\), this "
+                                         r"version reads format 2; rebuild it into a new folder with"):
+        teacher_cache.TeacherCache(str(tmp_path / "old"))
