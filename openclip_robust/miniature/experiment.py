@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import time
@@ -16,7 +17,9 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from openclip_robust.data import shards as sh
 from openclip_robust.evaluation import report
@@ -54,11 +57,16 @@ class Config:
     wise_alpha: float = 0.5
     seed: int = 0
     split_seed: int = 0             # held-out categories and pairs (md.held_out_categories); 0: the documented set
+    target: str = "fashion"         # fine-tuning task: fashion (Fashion-MNIST) or clipart (md.TARGET_CLASSES)
+    target_per_class: int = 150     # clipart: images per class at most, split by md.TARGET_SPLIT
 
     def data_params(self):
         keys = ("image_size", "clipart_size", "align_val_pairs", "heldout_pairs", "retrieval_pairs", "ref_pairs",
                 "zeroshot_per_class", "fashion_train", "fashion_val", "fashion_test", "seed", "split_seed")
-        return {k: getattr(self, k) for k in keys}
+        params = {k: getattr(self, k) for k in keys}
+        if self.target != "fashion":  # the fashion data keep their cache key
+            params.update(target=self.target, target_per_class=self.target_per_class)
+        return params
 
 
 # --quick: a third of the renders, half the batch, 12 steps (2.3 min measured from nothing cached; goal 4);
@@ -118,6 +126,11 @@ def build_data(out, cfg, clipart_dir):
     out = Path(out)
     items = md.openclipart_items()
     held_out = md.held_out_categories(cfg.split_seed)
+    target = None
+    if cfg.target == "clipart":  # its held-out images leave the alignment pool; its "align" share stays
+        target, rest = md.split_target([it for it in items if it[1] not in held_out], cfg.target_per_class,
+                                       cfg.split_seed)
+        items = rest + target.pop("align") + [it for it in items if it[1] in held_out]
     splits = md.split_openclipart(items, cfg.align_val_pairs, cfg.heldout_pairs, cfg.split_seed, held_out)
     if cfg.ref_pairs:
         splits["align_train"] = splits["align_train"][:cfg.ref_pairs]
@@ -126,12 +139,17 @@ def build_data(out, cfg, clipart_dir):
     n_zs = max(0, cfg.retrieval_pairs - len(splits["heldout_pairs"]))
     retrieval = splits["heldout_pairs"][:cfg.retrieval_pairs] + random.Random(cfg.seed).sample(
         splits["zeroshot"], min(n_zs, len(splits["zeroshot"])))
-    needed = sorted({rel for split in [*splits.values(), retrieval] for rel, _, _ in split})
+    needed = sorted({rel for split in [*splits.values(), retrieval, *(target or {}).values()] for rel, _, _ in split})
     bad = render_needed(clipart_dir, needed, cfg.clipart_size)
     splits = {k: [it for it in v if it[0] not in bad] for k, v in splits.items()}
+    if target:
+        target = {k: [it for it in v if it[0] not in bad] for k, v in target.items()}
+        split_paths_target = {f"target_{k}": [it[0] for it in v] for k, v in target.items()}
     retrieval = [it for it in retrieval if it[0] not in bad]
     split_paths = {k: [it[0] for it in v] for k, v in splits.items()}
     split_paths["retrieval"] = [it[0] for it in retrieval]
+    if target:
+        split_paths.update(split_paths_target)
     (out / "splits.json").write_text(json.dumps(split_paths, indent=0))
 
     def caption_tsv(name, rows):
@@ -165,7 +183,35 @@ def build_data(out, cfg, clipart_dir):
     (out / "suite.json").write_text(json.dumps(suite, indent=1))
     val_suite = {"datasets": [{"name": "fashion-mnist-val", "role": "id", "path": "fashion_val"}]}
     (out / "suite_val.json").write_text(json.dumps(val_suite, indent=1))
+    if target:
+        write_clipart_target(out, cfg, clipart_dir, target, suite)
     shutil.rmtree(out / "raw")
+
+
+def write_clipart_target(out, cfg, clipart_dir, target, suite):
+    """clipart_{train,val,test} and clipart_{shift} shards (class prompts), suite_clipart.json and its val."""
+    cats = list(md.TARGET_CLASSES)
+    names = [md.TARGET_CLASSES[c] for c in cats]
+    sets = {f"clipart_{k}": [(Image.open(clipart_dir / rel).convert("RGB"), cats.index(cat)) for rel, cat, _ in v]
+            for k, v in target.items()}
+    for name, shift in md.CLIPART_SHIFTS.items():
+        sets[f"clipart_{name}"] = [(shift(im), label) for im, label in sets["clipart_test"]]
+    for name, rows in sets.items():
+        tsv = md.write_image_table([(np.asarray(im), label) for im, label in rows], out / "raw", name)
+        sh.make_target_shards(tsv, out / name, names, md.CLIPART_TEMPLATES, 500, cfg.seed, workers=2)
+    others = [d for d in suite["datasets"] if d["role"] in ("zeroshot", "retrieval")]
+    (out / "suite_clipart.json").write_text(json.dumps({"datasets": [
+        {"name": "clipart", "role": "id", "path": "clipart_test", "metrics": ["top1"]},
+        *({"name": f"clipart-{n}", "role": "ood", "path": f"clipart_{n}", "metrics": ["top1"]} for n in md.CLIPART_SHIFTS),
+        *others]}, indent=1))
+    (out / "suite_val_clipart.json").write_text(json.dumps(
+        {"datasets": [{"name": "clipart-val", "role": "id", "path": "clipart_val"}]}, indent=1))
+
+
+def suite_files(cfg):
+    """(test suite, ID-validation suite) file names of the fine-tuning task."""
+    return ("suite.json", "suite_val.json") if cfg.target == "fashion" else ("suite_clipart.json",
+                                                                             "suite_val_clipart.json")
 
 
 def _pairs(tsv):
@@ -180,7 +226,7 @@ def shard_spec(folder):
 # -- fine-tuning -----------------------------------------------------------------------------------
 def upstream_args(cfg, model_dir, data_dir, method_args, seed, logs, name):
     n = cfg.steps * cfg.batch_size
-    args = ["--model", f"local-dir:{model_dir}", "--train-data", shard_spec(data_dir / "fashion_train"),
+    args = ["--model", f"local-dir:{model_dir}", "--train-data", shard_spec(data_dir / f"{cfg.target}_train"),
             "--dataset-type", "webdataset", "--dataset-resampled", "--train-num-samples", str(n),
             "--batch-size", str(cfg.batch_size), "--epochs", "1", "--lr", str(cfg.lr), "--wd", str(cfg.wd),
             "--warmup", str(cfg.warmup), "--workers", "1", "--precision", "fp32", "--seed", str(seed),
@@ -277,6 +323,14 @@ def run_method(cfg, stage, cache_root, method_args, seed, rebuild):
     return d / "model.pt"
 
 
+def logged_norms(model_pt, keys=("Dive_u_norm", "Dive_v_norm", "Dive_m_norm")):
+    """The last logged value of each key in the fine-tune's upstream out.log (beside its model.pt): DiVE's
+    mean ‖u‖, ‖v‖ and ‖m‖, to set against the paper's footnote-1 scale (~1e-3)."""
+    text = (Path(model_pt).parent / "logs" / "run" / "out.log").read_text()
+    found = {k: re.findall(rf"\b{k}: ([-+0-9.eE]+)", text) for k in keys}
+    return {k.removeprefix("Dive_"): float(v[-1]) for k, v in found.items() if v}
+
+
 def choose_lambda(scores, tolerance):
     """Largest λ whose ID-val score is within `tolerance` of the best (ties favour preservation)."""
     best = max(scores.values())
@@ -310,7 +364,9 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None)
             return grid_ckpts[lam].result()                    # not even by --rebuild
         return train(dive_args(lam, terms), seed)
 
-    def evaluate(run, suite="suite.json", roles=None):
+    suite_test, suite_val = suite_files(cfg)
+
+    def evaluate(run, suite=suite_test, roles=None):
         return (run, *evaluate_run(cache_root, stage, run, suite, roles, rebuild))
 
     def evaluate_finetuned(name, seed, ckpt):
@@ -324,7 +380,7 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None)
         return evaluate_finetuned("dive+wise", seed, path)
 
     def id_val(lam, ckpt):
-        _, metrics, _ = evaluate(Run(f"dive-lambda{lam:g}", model_name, str(ckpt)), "suite_val.json", ("id",))
+        _, metrics, _ = evaluate(Run(f"dive-lambda{lam:g}", model_name, str(ckpt)), suite_val, ("id",))
         print(f"[miniature] DiVE λ={lam:g}: ID-val top-1 {metrics['roles']['id']:.4f}", flush=True)
         return metrics["roles"]["id"]
 
@@ -351,7 +407,7 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None)
         failed = [f for f in wait(evals, return_when=FIRST_EXCEPTION).done if f.exception() is not None]
         if failed:
             raise failed[0].exception()  # inside the block, so the queued jobs are cancelled
-    results = {"suite": str(stage.data / "suite.json"), "runs": []}
+    results = {"suite": str(stage.data / suite_test), "runs": []}
     pre, _, pre_embeddings = evals[0].result()
     rsa = {pre.name: {"image": 1.0, "text": 1.0, "joint": 1.0}}  # by definition, as rsa_runs
     for f in evals:
@@ -362,14 +418,17 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None)
     report.attach_rsa(results, rsa)
     grid = dict(zip(cfg.lambda_grid, (f.result() for f in grid)))
     lam = lam.result()
+    norms = logged_norms(grid_ckpts[lam].result())
     results["miniature"] = {"config": asdict(cfg), "seeds": seeds, "lambda_grid_id_val": grid, "lambda": lam,
+                            "dive_norms_at_lambda": norms,
                             "model_a": str(stage.model),
                             "alignment": json.loads((stage.model / "alignment.json").read_text()),
                             "seconds": {"data_and_model_a": round(t_prepare), "total": round(time.time() - t0)}}
     paths = report.write_report(results, out, "results")
     table = report.markdown_table(results)
     print(table)
-    print(f"[miniature] DiVE λ grid (ID val): {grid}; chosen λ = {lam:g}; WiSE α = {cfg.wise_alpha}")
+    print(f"[miniature] DiVE λ grid (ID val): {grid}; chosen λ = {lam:g}; WiSE α = {cfg.wise_alpha}; at the last "
+          f"step of that run: " + ", ".join(f"‖{k[0]}‖ = {v:.3g}" for k, v in norms.items()) + " (paper: ~1e-3)")
     print(f"[miniature] {paths}; {time.time() - t0:.0f} s")
     return results
 

@@ -62,6 +62,22 @@ def test_another_split_seed_holds_out_other_categories_and_pairs():
     assert {it[0] for it in splits[0]["heldout_pairs"]} != {it[0] for it in splits[7]["heldout_pairs"]}
 
 
+def test_clipart_target_images_never_reach_alignment():
+    """--target clipart: each target class keeps a share in alignment (model A knows the concept); its train,
+    val and test images are disjoint and never among the alignment, reference or held-out pairs."""
+    cats = list(md.TARGET_CLASSES) + list(md.HELD_OUT)[:2] + ["computer/icons"]
+    items = [(f"{c}/img{i}.png", c, f"caption {c} {i}") for c in cats for i in range(40)]
+    target, rest = md.split_target(items, per_class=20, seed=1)
+    assert {it[1] for it in rest} == set(cats) - set(md.TARGET_CLASSES)
+    parts = {k: {it[0] for it in v} for k, v in target.items()}
+    assert all(len(v) == round(md.TARGET_SPLIT[k] * 20) * len(md.TARGET_CLASSES) for k, v in parts.items())
+    assert all(parts[a] & parts[b] == set() for a in parts for b in parts if a < b)
+    splits = md.split_openclipart(rest + target["align"], 10, 15, seed=1)
+    seen = {it[0] for k in ("align_train", "align_val", "heldout_pairs", "zeroshot") for it in splits[k]}
+    assert parts["align"] <= seen and not (parts["train"] | parts["val"] | parts["test"]) & seen
+    assert set(md.TARGET_CLASSES).isdisjoint(md.MORE_NAMEABLE) and set(md.TARGET_CLASSES).isdisjoint(md.HELD_OUT)
+
+
 @needs_assets
 def test_split_on_real_openclipart():
     items = md.openclipart_items()
@@ -342,3 +358,13 @@ def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tm
     assert res["runs"][4]["checkpoint"].endswith("dive-100-avl,pvl-s0/model.pt")
     assert res["runs"][0]["rsa"]["joint"] == 1.0 and res["runs"][1]["rsa"]["joint"] < 1.0
     assert res["miniature"]["lambda"] == 100 and res["miniature"]["lambda_grid_id_val"] == {10: 0.70, 100: 0.695}
+
+
+def test_dive_norms_are_read_from_the_last_logged_step(tmp_path):
+    from openclip_robust.miniature.experiment import logged_norms
+    log = tmp_path / "logs" / "run" / "out.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("Train Epoch: 0 [32/960] Dive_m_norm: 0.0010000 (0.0010000) Dive_u_norm: 0.1 (0.1) "
+                   "Dive_v_norm: 2.5e-01 (0.25)\nTrain Epoch: 0 [960/960] Dive_m_norm: 0.0062558 (0.004) "
+                   "Dive_u_norm: 0.41625 (0.3) Dive_v_norm: 0.33251 (0.3)\n")
+    assert logged_norms(tmp_path / "model.pt") == {"u_norm": 0.41625, "v_norm": 0.33251, "m_norm": 0.0062558}
