@@ -326,7 +326,8 @@ def run_method(cfg, stage, cache_root, method_args, seed, rebuild):
 def logged_norms(model_pt, keys=("Dive_u_norm", "Dive_v_norm", "Dive_m_norm")):
     """The last logged value of each key in the fine-tune's upstream out.log (beside its model.pt): DiVE's
     mean ‖u‖, ‖v‖ and ‖m‖, to set against the paper's footnote-1 scale (~1e-3)."""
-    text = (Path(model_pt).parent / "logs" / "run" / "out.log").read_text()
+    log = Path(model_pt).parent / "logs" / "run" / "out.log"
+    text = log.read_text() if log.exists() else ""  # a fine-tune cached without its log: unknown
     found = {k: re.findall(rf"\b{k}: ([-+0-9.eE]+)", text) for k in keys}
     return {k.removeprefix("Dive_"): float(v[-1]) for k, v in found.items() if v}
 

@@ -330,7 +330,8 @@ def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tm
         label = "-".join(a.lstrip("-") for a in args[1::2]) + f"-s{seed}"
         with lock:
             calls.append(("train", label))
-        (tmp_path / label).mkdir(exist_ok=True)
+        (tmp_path / label / "logs" / "run").mkdir(parents=True, exist_ok=True)
+        (tmp_path / label / "logs" / "run" / "out.log").write_text(f"Dive_u_norm: {len(label)} (0)\n")
         return tmp_path / label / "model.pt"
 
     def fake_evaluate(cache_root, stage, run, suite, roles, rebuild):
@@ -358,6 +359,7 @@ def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tm
     assert res["runs"][4]["checkpoint"].endswith("dive-100-avl,pvl-s0/model.pt")
     assert res["runs"][0]["rsa"]["joint"] == 1.0 and res["runs"][1]["rsa"]["joint"] < 1.0
     assert res["miniature"]["lambda"] == 100 and res["miniature"]["lambda_grid_id_val"] == {10: 0.70, 100: 0.695}
+    assert res["miniature"]["dive_norms_at_lambda"] == {"u_norm": len("dive-100-avl,pvl-s0")}  # the chosen run's
 
 
 def test_dive_norms_are_read_from_the_last_logged_step(tmp_path):
