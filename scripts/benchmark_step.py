@@ -1,6 +1,6 @@
 """Step benchmark: every method's training step, interleaved in one process, as paired ratios to FLYP.
 
-    python scripts/benchmark_step.py --model small --batch-size 16 --rounds 5 --steps 4 --warmup 2 --out runs/bench
+    python scripts/benchmark_step.py --model small --batch-size 16 --rounds 10 --steps 2 --warmup 2 --out runs/bench
 
 Every arm (upstream without the plugin, flyp, dive, dive-cached, dive-separate, dive-concat, replay,
 snd, snd-cached, and kernel and kernel-cached when registered and given a teacher) is built once in
@@ -11,8 +11,8 @@ spell on a shared machine hits every arm. Per arm: best and median step time, an
 paired within each round (arm's median / FLYP's median in the same round), its median and min..max
 over rounds. Goals are judged on that median only, with at least MIN_ROUNDS rounds; fewer print none.
 Peak memory: one child process per arm, each building only that arm and running a few steps (CUDA:
-torch.cuda.max_memory_allocated; CPU: the process's RSS high-water, VmHWM, minus its RSS before the
-arm is built). Data wait: time to fetch the batch (target + reference, the reference's own share
+torch.cuda.max_memory_allocated; CPU: the process's RSS high-water during the steps, VmHWM reset after
+the build, minus its RSS before the build: weights, frozen copy, optimizer state, activations). Data wait: time to fetch the batch (target + reference, the reference's own share
 from the plugin's stream), over the steps of a round after the loaders' prefetched batches.
 Writes OUT/benchmark.json and OUT/benchmark.md.
 
@@ -161,6 +161,15 @@ def status_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def reset_rss_high_water():
+    """VmHWM := VmRSS (Linux: 5 > /proc/self/clear_refs); where refused, VmHWM keeps the build's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def memory_worker(spec):
     """Build one arm alone, run its steps, write its peak memory to spec['result']."""
     torch.set_num_threads(1)
@@ -170,6 +179,8 @@ def memory_worker(spec):
     arm = build_arm(spec["name"], spec["argv"], spec["shape"], spec["grad_checkpointing"])
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # arm built: the step's peak includes its weights and states
+    else:
+        reset_rss_high_water()  # the build's transients (state-dict load) are not the step's
     for _ in range(spec["steps"]):
         arm.step()
     peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024 - rss_before
@@ -336,7 +347,7 @@ def build_caches(a, variants, model, target, reference):
     return caches, seconds
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="tiny, small or an open_clip model name (random init)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -355,7 +366,11 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     ap.add_argument("--summarize", metavar="JSON", help="recompute the tables of an earlier benchmark.json")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     if a.memory_worker:
         return memory_worker(json.loads(a.memory_worker))
     if a.summarize:
@@ -394,7 +409,7 @@ def main(argv=None):
     arms = [build_arm(s["name"], s["argv"], s["shape"], s["grad_checkpointing"]) for s in specs]
     print(f"benchmark: {a.rounds} rounds x {a.steps} steps", flush=True)
     times = run_rounds(arms, a.rounds, a.steps, a.warmup)
-    memory = ("cuda_max_memory_allocated" if device == "cuda" else "cpu_vmhwm_minus_rss_before_build") \
+    memory = ("cuda_max_memory_allocated" if device == "cuda" else "cpu_rss_high_water_of_the_steps_minus_rss_before_build") \
         if a.memory_steps else "not measured"
     result = {"config": vars(a), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "memory": memory, "tower_forward_flops": tower_flops(model), "cache_build_s": cache_s,
