@@ -1,6 +1,6 @@
 """Step benchmark: every method's training step, interleaved in one process, as paired ratios to FLYP.
 
-    python scripts/benchmark_step.py --model small --batch-size 16 --rounds 10 --steps 2 --warmup 2 --out runs/bench
+    python scripts/benchmark_step.py --model small --batch-size 16 --rounds 10 --steps 2 --warmup 2 --workers 0 --ref-workers 0 --out runs/bench
 
 Every arm (upstream without the plugin, flyp, dive, dive-cached, dive-separate, dive-concat, replay,
 snd, snd-cached, and kernel and kernel-cached when registered and given a teacher) is built once in
@@ -13,7 +13,9 @@ over rounds. Goals are judged on that median only, with at least MIN_ROUNDS roun
 Peak memory: one child process per arm, each building only that arm and running a few steps (CUDA:
 torch.cuda.max_memory_allocated; CPU: the process's RSS high-water during the steps, VmHWM reset after
 the build, minus its RSS before the build: weights, frozen copy, optimizer state, activations). Data wait: time to fetch the batch (target + reference, the reference's own share
-from the plugin's stream), over the steps of a round after the loaders' prefetched batches.
+from the plugin's stream), over the steps of a round after the 2 x workers batches its loaders
+prefetched while the other arms ran (with --workers 0 --ref-workers 0 every step counts: the fetch
+runs in the step's own thread, so the wait is the whole decoding cost).
 Writes OUT/benchmark.json and OUT/benchmark.md.
 
 --model: tiny (the demo's), small (4-layer, width-256 ViT CLIP at 64 px) or any open_clip model name
@@ -385,6 +387,9 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a.precision = a.precision or ("amp" if device == "cuda" else "fp32")
     variants = choose_variants(a)
+    if a.steps <= 2 * max(a.workers, a.ref_workers):
+        print(f"benchmark: data wait not measured: --steps {a.steps} does not exceed the 2 x workers batches "
+              f"prefetched while other arms run (give more --steps or --workers 0 --ref-workers 0)", flush=True)
     ratios = [float(r) for r in a.ref_ratios.split(",")]
     os.makedirs(a.out, exist_ok=True)
     model = write_model(a.model, os.path.join(a.out, "model"))
