@@ -245,6 +245,19 @@ def summarize(result):
     return rows
 
 
+def shapes_vs_dive(result):
+    """dive-separate and dive-concat against dive at the same B', paired within each round."""
+    rows = {r["arm"]: r for r in result["rows"]}
+    out = []
+    for r in result["rows"]:
+        dive = rows.get(f"dive@{r['ref_batch_size']}")
+        if r["variant"] in ("dive-separate", "dive-concat") and dive:
+            paired = [x / y for x, y in zip(r["paired_vs_flyp"], dive["paired_vs_flyp"])]
+            out.append({"arm": r["arm"], "median": statistics.median(paired), "min": min(paired), "max": max(paired),
+                        "memory": r["memory_vs_flyp"] / dive["memory_vs_flyp"] if r["memory_vs_flyp"] else None})
+    return out
+
+
 def goals(result):
     """The goal table, from the paired interleaved ratios' median only; none below MIN_ROUNDS rounds."""
     rounds = result["config"]["rounds"]
@@ -288,6 +301,11 @@ def markdown(result):
                      f"{r['best_vs_flyp_best']:.3f} | {fmt(r['flop_bound'], '.3f')} | {fmt(r['data_share'], '.1%')} | "
                      f"{fmt(r['ref_data_share'], '.1%')} | {fmt(r['peak_mib'], '.1f')} | "
                      f"{fmt(r['memory_vs_flyp'], '.2f')} |")
+    if result.get("vs_dive"):
+        lines += ["", "DiVE's step shapes against `dive` at the same B' (time paired within each round):", "",
+                  "| arm | time / dive: median | min..max | peak mem / dive |", "|---|---|---|---|"]
+        for r in result["vs_dive"]:
+            lines.append(f"| {r['arm']} | {r['median']:.3f} | {r['min']:.2f}..{r['max']:.2f} | {fmt(r['memory'], '.2f')} |")
     if result["goals"]:
         lines += ["", f"Goals (time: median of {a['rounds']} paired per-round ratios; memory: one child per arm):",
                   "", "| goal | measured | holds |", "|---|---|---|"]
@@ -301,6 +319,7 @@ def markdown(result):
 
 def write_report(result, out):
     result["rows"] = summarize(result)
+    result["vs_dive"] = shapes_vs_dive(result)
     result["goals"] = goals(result)
     with open(os.path.join(out, "benchmark.json"), "w") as f:
         json.dump(result, f, indent=1)

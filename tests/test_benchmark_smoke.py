@@ -204,3 +204,14 @@ def test_gpu_check_stops_without_an_output_path_or_a_gpu(tmp_path):
                          env={**os.environ, "PY": sys.executable})
     assert res.returncode != 0 and "gpu_check: no CUDA device" in res.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def test_step_shapes_are_paired_against_dive_round_by_round():
+    result = {"rows": [
+        {"arm": "dive@4", "variant": "dive", "ref_batch_size": 4, "paired_vs_flyp": [2.0, 4.0, 2.0],
+         "memory_vs_flyp": 1.5},
+        {"arm": "dive-separate@4", "variant": "dive-separate", "ref_batch_size": 4, "paired_vs_flyp": [1.0, 4.0, 3.0],
+         "memory_vs_flyp": 1.2}]}
+    (row,) = benchmark_step.shapes_vs_dive(result)
+    assert (row["arm"], row["median"], row["min"], row["max"]) == ("dive-separate@4", 1.0, 0.5, 1.5)
+    assert row["memory"] == pytest.approx(0.8)
