@@ -17,7 +17,7 @@ mkdir -p "$DIR"
 timeout 100 "$PY" scripts/bench_arms.py --model ViT-B-16 --precision amp_bf16 --batch-size 128 \
     --ref-ratios 1,0.25 --steps 10 --warmup 3 --out "$DIR/arms.json"
 timeout 360 "$PY" scripts/benchmark_step.py --model ViT-B-16 --precision amp_bf16 --batch-size 128 \
-    --ref-ratios 1,0.25 --rounds 5 --steps 4 --warmup 2 --memory-steps 2 \
+    --ref-ratios 1,0.25 --rounds 4 --steps 12 --warmup 2 --memory-steps 2 \
     --variants flyp,dive,dive-cached,dive-separate --workers 4 --ref-workers 4 --out "$DIR/bench"
 "$PY" - "$OUT" "$DIR" <<'PY'
 import json, sys

@@ -107,6 +107,9 @@ class Arm:
         self.optimizer.zero_grad()
         backward = lambda x: upstream_backward(x, self.scaler)  # noqa: E731
         if self.shape == "joint":
+            # a hook the patched loop may call here (a no-op for plugins without it)
+            self.plugins.call("before_forward", args=args, model=model, batch=batch, images=images, texts=texts,
+                              backward=backward)
             with self.autocast():
                 out = model(images, texts)
                 out.update(self.plugins.merged("step_inputs", args=args, model=model, batch=batch, images=images,

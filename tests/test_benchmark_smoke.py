@@ -189,6 +189,7 @@ def test_gpu_check_runs_the_benchmark_as_required():
         [x.replace('"$DIR/bench"', "OUT") for x in gpu_check_command("benchmark_step.py")])
     assert (args.model, args.precision, args.ref_ratios) == ("ViT-B-16", "amp_bf16", "1,0.25")
     assert args.rounds >= benchmark_step.MIN_ROUNDS and args.memory_steps > 0
+    assert args.steps > 2 * max(args.workers, args.ref_workers)  # else no step shows a data wait
     assert set(args.variants.split(",")) <= set(benchmark_step.VARIANTS) and "dive-separate" in args.variants
     arms = gpu_check_command("bench_arms.py")
     assert arms[arms.index("--model") + 1] == "ViT-B-16" and arms[arms.index("--precision") + 1] == "amp_bf16"
