@@ -12,8 +12,9 @@ paired within each round (arm's median / FLYP's median in the same round), its m
 over rounds. Goals are judged on that median only, with at least MIN_ROUNDS rounds; fewer print none.
 Peak memory: one child process per arm, each building only that arm and running a few steps (CUDA:
 torch.cuda.max_memory_allocated; CPU: the process's RSS high-water during the steps, VmHWM reset after
-the build, minus its RSS before the build: weights, frozen copy, optimizer state, activations). Data wait: time to fetch the batch (target + reference, the reference's own share
-from the plugin's stream), over the steps of a round after the 2 x workers batches its loaders
+the build, minus its RSS before the build: weights, frozen copy, optimizer state, activations).
+Data wait: time to fetch the batch (target + reference, the reference's own share from the
+plugin's stream), over the steps of a round after the 2 x workers batches its loaders
 prefetched while the other arms ran (with --workers 0 --ref-workers 0 every step counts: the fetch
 runs in the step's own thread, so the wait is the whole decoding cost).
 Writes OUT/benchmark.json and OUT/benchmark.md.
@@ -191,7 +192,8 @@ def memory_worker(spec):
 
 
 def child_peak(spec, path):
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps({**spec, "result": path})],
+    worker = json.dumps({**spec, "result": path})
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-worker", worker],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark memory {spec['name']} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -305,7 +307,8 @@ def markdown(result):
         lines += ["", "DiVE's step shapes against `dive` at the same B' (time paired within each round):", "",
                   "| arm | time / dive: median | min..max | peak mem / dive |", "|---|---|---|---|"]
         for r in result["vs_dive"]:
-            lines.append(f"| {r['arm']} | {r['median']:.3f} | {r['min']:.2f}..{r['max']:.2f} | {fmt(r['memory'], '.2f')} |")
+            lines.append(f"| {r['arm']} | {r['median']:.3f} | {r['min']:.2f}..{r['max']:.2f} | "
+                         f"{fmt(r['memory'], '.2f')} |")
     if result["goals"]:
         lines += ["", f"Goals (time: median of {a['rounds']} paired per-round ratios; memory: one child per arm):",
                   "", "| goal | measured | holds |", "|---|---|---|"]
@@ -433,12 +436,13 @@ def main(argv=None):
     arms = [build_arm(s["name"], s["argv"], s["shape"], s["grad_checkpointing"]) for s in specs]
     print(f"benchmark: {a.rounds} rounds x {a.steps} steps", flush=True)
     times = run_rounds(arms, a.rounds, a.steps, a.warmup)
-    memory = ("cuda_max_memory_allocated" if device == "cuda" else "cpu_rss_high_water_of_the_steps_minus_rss_before_build") \
-        if a.memory_steps else "not measured"
+    memory = "not measured" if not a.memory_steps else (
+        "cuda_max_memory_allocated" if device == "cuda" else "cpu_rss_high_water_of_the_steps_minus_rss_before_build")
     result = {"config": vars(a), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "memory": memory, "tower_forward_flops": tower_flops(model), "cache_build_s": cache_s,
               "command": "python scripts/benchmark_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "arms": [{k: s[k] for k in ("name", "variant", "ratio", "ref_batch_size", "shape", "argv")} for s in specs],
+              "arms": [{k: s[k] for k in ("name", "variant", "ratio", "ref_batch_size", "shape", "argv")}
+                       for s in specs],
               "times": times, "peak_bytes": peaks}
     write_report(result, a.out)
     return 0
