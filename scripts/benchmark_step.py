@@ -58,7 +58,7 @@ VARIANTS = {
     "flyp": (["--robust-loss", "flyp"], False, None, "joint"),
     "dive": (DIVE, True, None, "joint"),
     "dive-cached": (DIVE, True, "reference", "joint"),
-    "dive-separate": (DIVE, True, None, "separate"),  # reference branch backwarded before the target forward
+    "dive-separate": (DIVE + ["--ref-backward", "separate"], True, None, "joint"),  # the plugin's before_forward
     "dive-concat": (DIVE, True, None, "concat"),  # one student call on target + reference (fp32 only)
     "replay": (["--robust-loss", "replay"], True, None, "joint"),
     "snd": (["--robust-loss", "snd"], True, None, "joint"),

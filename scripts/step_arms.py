@@ -4,9 +4,9 @@
 flags and checks, model, the plugin's hooks, upstream's AdamW groups, get_data + the plugin's
 add_data, the plugin's loss) and `Arm.step` runs one step as train_one_epoch's accum-freq-1 branch
 does (data, zero_grad, autocast forward, step_inputs, loss, backward, optimizer step, the plugin's
-on_optimizer_step, the logit-scale clamp), without its logging. Two step shapes exist only here:
-`separate_reference_backward` (DiVE's reference branch backwarded before the target forward, so
-its graph is freed first) and `concat_forward` (one student call on target + reference).
+on_optimizer_step, the logit-scale clamp), without its logging. `--ref-backward separate` runs
+through the plugin's `before_forward` hook, as in the loop. One step shape exists only here:
+`concat_forward` (one student call on target + reference).
 """
 import math
 import time
@@ -25,7 +25,7 @@ from torch import optim
 from openclip_robust.losses.base import frozen_reference_features
 from openclip_robust.plugin import RobustPlugin
 
-STEP_SHAPES = ("joint", "separate", "concat")
+STEP_SHAPES = ("joint", "concat")
 
 
 def upstream_optimizer(args, model, plugin_groups):
@@ -35,23 +35,6 @@ def upstream_optimizer(args, model, plugin_groups):
     return optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.},
                         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": args.wd},
                         *plugin_groups], lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-
-
-def separate_reference_backward(model, frozen, loss, images, texts, reference, autocast, backward):
-    """DiVE's loss in two backwards: lambda*(AVL+PVL) on the reference branch first (its graph freed),
-    then the target's contrastive loss. The terms are separable, so the gradient equals the joint one."""
-    with autocast():
-        inputs = loss.step_inputs(model, frozen, None, None, reference)
-        terms, _ = loss.regularizer(logit_scale=None, **inputs)
-        regularizer = sum(terms.values())
-    backward(regularizer)
-    del inputs, terms
-    with autocast():
-        out = model(images, texts)
-        extra = {"logit_bias": out["logit_bias"]} if out.get("logit_bias") is not None else {}
-        contrastive = loss.contrastive(out["image_features"], out["text_features"], out["logit_scale"], **extra)
-    backward(contrastive)
-    return regularizer.detach() + contrastive.detach()
 
 
 def concat_forward(model, frozen, loss, images, texts, reference, autocast):
@@ -107,7 +90,7 @@ class Arm:
         self.optimizer.zero_grad()
         backward = lambda x: upstream_backward(x, self.scaler)  # noqa: E731
         if self.shape == "joint":
-            # a hook the patched loop may call here (a no-op for plugins without it)
+            # as the patched loop: --ref-backward separate backwards the reference terms here
             self.plugins.call("before_forward", args=args, model=model, batch=batch, images=images, texts=texts,
                               backward=backward)
             with self.autocast():
@@ -120,12 +103,7 @@ class Arm:
             backward(total)
         else:
             reference = batch[-1].to(self.device, self.input_dtype)
-            if self.shape == "separate":
-                separate_reference_backward(model, self.plugin.frozen, self.loss, images, texts, reference,
-                                            self.autocast, backward)
-            else:
-                backward(concat_forward(model, self.plugin.frozen, self.loss, images, texts, reference,
-                                        self.autocast))
+            backward(concat_forward(model, self.plugin.frozen, self.loss, images, texts, reference, self.autocast))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
