@@ -223,7 +223,7 @@ class RobustPlugin:
                 terms, log_only = self.loss.regularizer(logit_scale=None,
                                                         **self._loss_inputs(args, model, batch, images, texts))
             backward(sum(terms.values()))
-        self.loss.precomputed = ({k: v.detach() for k, v in terms.items()}, log_only)
+        self.loss.precomputed = ({k: v.detach() for k, v in terms.items()}, {k: v.detach() for k, v in log_only.items()})
 
     def step_inputs(self, args, model, batch, images, texts):
         if self.loss is None or args.ref_backward == "separate":  # separate: before_forward did it
