@@ -316,7 +316,9 @@ def markdown(result):
             value = f"{g['value']:.1%}" if "wait" in g["goal"] else f"{g['value']:.3f}"
             lines.append(f"| {g['goal']} | {value} | {'yes' if g['holds'] else 'no'} |")
     else:
-        lines += ["", f"No goal verdict: {a['rounds']} round(s), fewer than {MIN_ROUNDS}."]
+        why = (f"{a['rounds']} round(s), fewer than {MIN_ROUNDS}" if a["rounds"] < MIN_ROUNDS
+               else "no goal's arms among the variants")
+        lines += ["", f"No goal verdict: {why}."]
     return "\n".join(lines) + "\n"
 
 
