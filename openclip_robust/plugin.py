@@ -120,6 +120,7 @@ class RobustPlugin:
         guards.validate_args(args)
         probe.validate_args(args)
         resume.fall_back_past_corrupt_latest(args)
+        resume.check_resume_path(args)
         if self.method.needs_frozen:
             self._init_watch.start()
         if args.ref_batch_size is None:

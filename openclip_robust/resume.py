@@ -11,11 +11,14 @@ pre-trained weights) is refused before training: its regulariser would pull towa
 ``*.pt.corrupt`` (so upstream's look-up, which takes the newest ``*.pt``, passes over it) and the run
 resumes from the newest one that loads, with a warning. Done in ``validate_args``, before upstream
 resolves ``latest``, by rank 0 (upstream also resolves it on rank 0 and broadcasts the path).
+``--resume PATH`` gets the same check, as an error. Neither ever unpickles code: a checkpoint whose
+pickle would import something (only ``weights_only=False`` would run it) is refused, never loaded.
 """
 import glob
 import hashlib
 import logging
 import os
+import pickle
 import zipfile
 
 import torch
@@ -122,21 +125,47 @@ def refuse_random_frozen(args, method, watch):
             f"be a random init. Give --pretrained (a tag or a local weights file).")
 
 
-# -- --resume latest -----------------------------------------------------------------------------------
-def loads(path):
-    """Whether a checkpoint file is whole: torch's zip format checked member by member (CRCs), else loaded."""
+# -- checkpoint integrity: --resume latest and --resume PATH ---------------------------------------------
+def _checkpoint_problem(path):
+    """None if the checkpoint is whole and loads weights-only, else (kind, why): kind "corrupt" (truncated, CRC
+    mismatch, unreadable) or "unsafe" (its pickle names code to run, which only weights_only=False would run).
+    Never unpickles anything but plain data: a crafted file is refused here, not executed."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
-                return z.testzip() is None
-        torch.load(path, map_location="cpu", weights_only=False)
-        return True
-    except Exception:  # any failure to read means: not loadable
-        return False
+                bad = z.testzip()  # every member's CRC
+            if bad is not None:
+                return "corrupt", f"member {bad} fails its CRC check"
+        torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+        return None
+    except pickle.UnpicklingError as e:  # weights_only's refusal: the pickle asks for a global it does not allow
+        if "Weights only load failed" in str(e):
+            return "unsafe", "it is not a weights-only checkpoint (its pickle asks to import code)"
+        return "corrupt", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:  # any other failure to read means: not loadable
+        return "corrupt", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _refuse_unsafe(path, why):
+    raise ResumeError(f"--resume: {path}: {why}; refusing to load it (loading could run code). Remove it, or "
+                      f"resume from a checkpoint written by open_clip.")
+
+
+def check_resume_path(args):
+    """--resume PATH (local file): the same integrity check as --resume latest, as an error before training."""
+    if not args.resume or args.resume == "latest" or "://" in args.resume or not os.path.isfile(args.resume):
+        return  # latest: fall_back_past_corrupt_latest; remote or missing: upstream's own error
+    problem = _checkpoint_problem(args.resume)
+    if problem and problem[0] == "unsafe":
+        _refuse_unsafe(args.resume, problem[1])
+    if problem:
+        raise ResumeError(f"--resume {args.resume}: the checkpoint does not load ({problem[1]}): it is truncated or "
+                          f"corrupt. Resume from another checkpoint of the run.")
 
 
 def fall_back_past_corrupt_latest(args):
-    """--resume latest: move newest checkpoints that do not load aside, so upstream resumes from one that does."""
+    """--resume latest: move newest checkpoints that do not load aside, so upstream resumes from one that does;
+    refuse one whose pickle would run code (that is not damage: someone put it there)."""
     # here: upstream's own ordering of checkpoint names; main.py at the top would load twice under python -m
     from open_clip_train.main import natural_key
     if args.resume != "latest" or not args.name or args.remote_sync or args.save_most_recent:
@@ -145,8 +174,13 @@ def fall_back_past_corrupt_latest(args):
         return
     path = os.path.join(args.logs, args.name, "checkpoints")
     checkpoints = sorted(glob.glob(path + "**/*.pt", recursive=True), key=natural_key)  # as upstream lists them
-    while checkpoints and not loads(checkpoints[-1]):
+    while checkpoints:
+        problem = _checkpoint_problem(checkpoints[-1])
+        if problem is None:
+            break
+        if problem[0] == "unsafe":
+            _refuse_unsafe(checkpoints[-1], problem[1])
         bad = checkpoints.pop()
         os.replace(bad, bad + ".corrupt")
-        logging.warning(f"--resume latest: {bad} does not load (truncated or corrupt): moved to {bad}.corrupt; "
-                        f"resuming from {checkpoints[-1] if checkpoints else 'nothing (a fresh start)'}")
+        logging.warning(f"--resume latest: {bad} does not load (truncated or corrupt: {problem[1]}): moved to "
+                        f"{bad}.corrupt; resuming from {checkpoints[-1] if checkpoints else 'nothing (a fresh start)'}")
