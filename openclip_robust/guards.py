@@ -18,12 +18,13 @@ import torch.distributed as dist
 
 from openclip_robust.checks import require
 from openclip_robust.distributed import is_distributed
+from openclip_robust.errors import UserError
 
 CAUSES = ("usual causes: a learning rate too high (--lr), a loss weight too large, or fp16 overflow "
           "(--precision amp_bf16 or fp32)")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 

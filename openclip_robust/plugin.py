@@ -14,8 +14,12 @@ from open_clip_train.distributed import is_master, is_using_distributed
 from open_clip_train.precision import get_autocast
 
 from openclip_robust import flags, guards, resume
+from openclip_robust.errors import install_excepthook
+from openclip_robust.storage import bounded
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, exact_half_dtype, freeze_bn_stats, frozen_copy
-from openclip_robust.data.reference import ReferenceStream, WithReference, readable_shards, source_weights
+from openclip_robust.data.image_only import is_webdataset
+from openclip_robust.data.reference import (ReferenceStream, WithReference, check_sources_exist, readable_shards,
+                                            source_weights)
 from openclip_robust.data.run_probe import check_run_data
 from openclip_robust.data import probe
 from openclip_robust import precise
@@ -115,12 +119,13 @@ class RobustPlugin:
                                  f"add --robust-loss {{{','.join(loss_names())}}} or drop them")
             return
         self.method = get_loss_class(args.robust_loss)
+        install_excepthook(debug=getattr(args, "debug", False))  # errors the user can fix: one line, exit 2
         flags.check_finite(args, self._actions)
         flags.check_unused(args, self.method, self._owners, self._defaults)
         guards.validate_args(args)
         probe.validate_args(args)
-        resume.fall_back_past_corrupt_latest(args)
-        resume.check_resume_path(args)
+        bounded(lambda t: resume.fall_back_past_corrupt_latest(args, t), args.data_probe_timeout, "--resume")
+        bounded(lambda t: resume.check_resume_path(args, t), args.data_probe_timeout, "--resume", args.resume)
         if self.method.needs_frozen:
             self._init_watch.start()
         if args.ref_batch_size is None:
@@ -129,7 +134,8 @@ class RobustPlugin:
             args.ref_workers = max(1, round(args.workers * args.ref_batch_size / args.batch_size))
         if args.ref_batch_size < 1 or args.ref_workers < 0:
             raise ValueError("--ref-batch-size must be >= 1 and --ref-workers >= 0")
-        self.method.validate_args(args)
+        bounded(lambda t: self.method.validate_args(args), args.data_probe_timeout,  # reads files its flags name
+                f"--robust-loss {args.robust_loss}", "a file its flags name (weights, cache, class names)")
         if args.ref_backward == "separate" and not (self.method.separable_reference and args.accum_freq == 1):
             raise ValueError(f"--ref-backward separate: needs a method whose reference terms are separable (dive, "
                              f"snd; not {args.robust_loss}) and --accum-freq 1 (not {args.accum_freq}); drop it")
@@ -139,14 +145,18 @@ class RobustPlugin:
                                  f"of reference image-caption pairs (e.g. CC3M in img2dataset format)")
             if not is_using_distributed():  # one process: bad shards are a command-line error
                 self.ref_urls, self.ref_weights = readable_shards(args.ref_data,
-                                                                  factors=args.ref_data_upsampling_factors)
+                                                                  factors=args.ref_data_upsampling_factors,
+                                                                  timeout_s=args.data_probe_timeout)
             else:  # the ranks share the scan once they can talk (add_data); the factors are checked now
                 source_weights(args.ref_data, args.ref_data_upsampling_factors)
         if args.ref_teacher_cache:
             if not self.method.frozen_on_reference_only:
                 raise ValueError(f"--ref-teacher-cache: --robust-loss {args.robust_loss} runs no frozen model on "
                                  f"reference data only, so a cache cannot replace it; drop the flag")
-            teacher_cache.read_manifest(args.ref_teacher_cache)  # fails early if DIR is not a cache
+            bounded(lambda t: teacher_cache.read_manifest(t.at(args.ref_teacher_cache)),  # fails early if DIR is
+                    args.data_probe_timeout, "--ref-teacher-cache")                       # not a cache
+        if self.method.target_samples and args.train_data and is_webdataset(args):  # upstream's loader reads it
+            check_sources_exist(args.train_data, "--train-data", args.data_probe_timeout)
 
     # -- model, loss, data -----------------------------------------------------------------------
     # The loss is built with the model (not in create_loss) so that its own parameters can join the
@@ -155,6 +165,10 @@ class RobustPlugin:
         if self.method is None:
             return
         self._init_watch.stop()
+        if not getattr(args, "torchcompile", False):  # upstream's setup_logging set torch's loggers to INFO: its
+            logging.getLogger("torch").setLevel(logging.WARNING)  # exit-time compile metrics would bury an error
+            for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.")]:
+                logging.getLogger(name).setLevel(logging.NOTSET)  # inherit torch's WARNING
         resume.refuse_random_frozen(args, self.method, self._init_watch)
         check_upstream_bn_freeze(args, model)
         self.args, self.record = args, resume.run_record(args, self.method, model)
@@ -184,10 +198,12 @@ class RobustPlugin:
         if args.prompt_redraw == "auto":
             redraw_prompts(args, data, preprocess_fns, epoch, tokenizer)
         if self.method.needs_reference and self.ref_urls is None:
-            self.ref_urls, self.ref_weights = readable_shards(args.ref_data, factors=args.ref_data_upsampling_factors)
+            self.ref_urls, self.ref_weights = readable_shards(args.ref_data, factors=args.ref_data_upsampling_factors,
+                                                              timeout_s=args.data_probe_timeout)
         if args.ref_teacher_cache and self.teacher_cache is None:
-            self.teacher_cache = open_teacher_cache(args, preprocess_fns[1], tokenizer, self.weights_hash,
-                                                    self.ref_urls)
+            self.teacher_cache = bounded(lambda t: open_teacher_cache(args, preprocess_fns[1], tokenizer,
+                                                                      self.weights_hash, self.ref_urls),
+                                         args.data_probe_timeout, "--ref-teacher-cache", args.ref_teacher_cache)
         self.loss.add_data(args, data, preprocess_fns, epoch, tokenizer)
         check_run_data(args, self.method, self.ref_urls, preprocess_fns, tokenizer)
         if self.method.needs_reference:  # last: it wraps whichever train loader the steps above left

@@ -21,6 +21,8 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from openclip_robust.untrusted import torch_load
+
 FORMAT = "openclip-robust/prompt-module/1"
 PLACEHOLDER = "X"  # CoOp's placeholder word: one token per context slot, replaced by the context
 
@@ -190,7 +192,7 @@ class PromptModule(nn.Module):
 
     @classmethod
     def load(cls, path, map_location="cpu"):
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        blob = torch_load(path, map_location=map_location)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ValueError(f"{path} is not a prompt module file ({FORMAT})")
         module = cls(blob["n_ctx"], blob["width"], blob["attention"], blob["token_space"], blob["init_text"])

@@ -18,17 +18,19 @@ import glob
 import hashlib
 import logging
 import os
-import pickle
 import zipfile
 
 import torch
+
+from openclip_robust.errors import UserError
+from openclip_robust.untrusted import is_refused_pickle
 
 RECORD_KEY = "run"
 FINGERPRINT_ELEMENTS = 1 << 16  # per tensor, evenly strided: exact bytes, cheap even for billions of weights
 RANDOM_INIT_WARNING = "No pretrained weights loaded for model"  # upstream's create_model says this on random init
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     pass
 
 
@@ -108,6 +110,10 @@ class RandomInitWatch(logging.Handler):
     def emit(self, record):
         if RANDOM_INIT_WARNING in record.getMessage():
             self.seen = record.getMessage()
+        if logging.getLogger().handlers == [self] and record.levelno >= logging.lastResort.level:
+            # alone on the root logger, this handler would silence logging's last resort (stderr): a
+            # warning logged before upstream sets up its logging (e.g. a skipped shard) must still be seen
+            logging.lastResort.handle(record)
 
     def start(self):
         logging.getLogger().addHandler(self)
@@ -138,12 +144,10 @@ def _checkpoint_problem(path):
                 return "corrupt", f"member {bad} fails its CRC check"
         torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
         return None
-    except pickle.UnpicklingError as e:  # weights_only's refusal: the pickle asks for a global it does not allow
-        if "Weights only load failed" in str(e):
+    except Exception as e:
+        if is_refused_pickle(e):  # weights_only's refusal: the pickle asks for a global it does not allow
             return "unsafe", "it is not a weights-only checkpoint (its pickle asks to import code)"
-        return "corrupt", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    except Exception as e:  # any other failure to read means: not loadable
-        return "corrupt", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return "corrupt", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"  # any failure: not loadable
 
 
 def _refuse_unsafe(path, why):
@@ -151,7 +155,7 @@ def _refuse_unsafe(path, why):
                       f"resume from a checkpoint written by open_clip.")
 
 
-def check_resume_path(args):
+def check_resume_path(args, touches=None):
     """--resume PATH (local file): the same integrity check as --resume latest, as an error before training."""
     if not args.resume or args.resume == "latest" or "://" in args.resume or not os.path.isfile(args.resume):
         return  # latest: fall_back_past_corrupt_latest; remote or missing: upstream's own error
@@ -163,7 +167,7 @@ def check_resume_path(args):
                           f"corrupt. Resume from another checkpoint of the run.")
 
 
-def fall_back_past_corrupt_latest(args):
+def fall_back_past_corrupt_latest(args, touches=None):
     """--resume latest: move newest checkpoints that do not load aside, so upstream resumes from one that does;
     refuse one whose pickle would run code (that is not damage: someone put it there)."""
     # here: upstream's own ordering of checkpoint names; main.py at the top would load twice under python -m
@@ -173,9 +177,10 @@ def fall_back_past_corrupt_latest(args):
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) != 0:
         return
     path = os.path.join(args.logs, args.name, "checkpoints")
-    checkpoints = sorted(glob.glob(path + "**/*.pt", recursive=True), key=natural_key)  # as upstream lists them
+    checkpoints = sorted(glob.glob((touches.at(path) if touches else path) + "**/*.pt", recursive=True),
+                         key=natural_key)  # as upstream lists them
     while checkpoints:
-        problem = _checkpoint_problem(checkpoints[-1])
+        problem = _checkpoint_problem(touches.at(checkpoints[-1]) if touches else checkpoints[-1])
         if problem is None:
             break
         if problem[0] == "unsafe":

@@ -3,6 +3,7 @@ import importlib.util
 import io
 import logging
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -64,12 +65,15 @@ def test_ref_data_with_no_readable_shard(capsys, tmp_path):
 
 
 def test_unreadable_shard_among_readable_is_skipped_with_warning(tmp_path, ref_shards, caplog):
+    """A source with a good and a corrupt shard: the corrupt one is skipped (a source with none readable is
+    an error: tests/security/test_storage_and_errors.py)."""
     bad = tmp_path / "corrupt.tar"
     bad.write_bytes(b"this is not a tar file" * 100)
     good, _ = readable_shards(ref_shards)
+    shutil.copy(good[0], tmp_path / "good.tar")
     with caplog.at_level(logging.WARNING):
-        kept, _ = readable_shards(f"{ref_shards}::{bad}")
-    assert kept == good and len(good) == 3
+        kept, _ = readable_shards(f"{ref_shards}::{tmp_path}/{{good,corrupt}}.tar")
+    assert kept == good + [str(tmp_path / "good.tar")] and len(good) == 3
     assert f"--ref-data: skipping shard {bad} (unreadable or without image+txt samples)" in caplog.text
 
 

@@ -4,7 +4,6 @@ Exactly K images per class, drawn with --seed by the ``cls`` entry of the target
 in a new seeded order each epoch. Each item is (image, tokens of the class caption, class index): upstream's
 forward runs on the first two, the loss reads the third from the batch.
 """
-import io
 import logging
 import random
 import tarfile
@@ -12,10 +11,9 @@ from collections import defaultdict
 
 import torch
 from open_clip_train.data import DataInfo, SharedEpoch
-from PIL import Image
 
 from openclip_robust.data import shards as sh
-from openclip_robust.data.shard_format import has_image, image_of, tar_samples
+from openclip_robust.data.shard_format import decode_image, has_image, image_of, tar_samples
 
 
 def scan_classes(urls):
@@ -69,8 +67,7 @@ class FewShotSet(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        with Image.open(io.BytesIO(self.images[i])) as img:
-            return self.preprocess(img.convert("RGB")), self.class_tokens[self.labels[i]], self.labels[i]
+        return self.preprocess(decode_image(self.images[i])), self.class_tokens[self.labels[i]], self.labels[i]
 
 
 class EpochShuffle(torch.utils.data.Sampler):

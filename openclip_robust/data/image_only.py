@@ -19,7 +19,7 @@ from open_clip_train.data import (
     tarfile_to_samples_nothrow)
 
 from openclip_robust.data.probe import FailureGuard
-from openclip_robust.data.shard_format import IMAGE_KEYS
+from openclip_robust.data.shard_format import IMAGE_KEYS, decode_sample
 
 
 def is_webdataset(args):
@@ -56,7 +56,7 @@ def get_image_only_wds(args, preprocess_img, epoch, tokenizer, teacher_cache=Non
         detshuffle2(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch,
                     per_worker=True),  # seeded like upstream's (patch 0005)
         wds.select(guard.keep),
-        wds.decode("pilrgb", handler=guard.handler),
+        wds.map(decode_sample, handler=guard.handler),
         wds.rename(image=IMAGE_KEYS),
         wds.map_dict(image=preprocess_img, handler=guard.handler),
         wds.map(guard.decoded),

@@ -24,14 +24,15 @@ from open_clip_train.data import tarfile_to_samples_nothrow
 
 from openclip_robust.checks import require
 from openclip_robust.distributed import all_gather_objects
-from openclip_robust.data.shard_format import IMAGE_EXTS, has_image
+from openclip_robust.data.shard_format import IMAGE_EXTS, has_caption, has_image
+from openclip_robust.errors import UserError
 
 CAPTION_MISSING_MAX = 0.10  # share of probed samples (with an image) that may lack the caption; more: an error
 PROBE_SAMPLES = 64          # raw samples read per stream (enough to estimate caption coverage)
 PROBE_SHARDS = 4            # shards tried per stream, from a rank-dependent start
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     pass
 
 
@@ -42,7 +43,9 @@ def add_args(group):
                             "that is given) fail to read, decode or hold their image and caption (default 200).")
     group.add_argument("--data-probe-timeout", type=float, default=120.0, metavar="S",
                        help="seconds each rank may take, before step 1, to read and decode a few samples of "
-                            "the reference and target data (default 120); nothing in time is an error.")
+                            "the reference and target data, and for each other file-system touch before step 1 "
+                            "(listing shards, checkpoints, caches, weights) (default 120); nothing in time is an "
+                            "error naming the path.")
 
 
 def validate_args(args):
@@ -116,9 +119,9 @@ class FailureGuard:
         if not has_image(sample):
             self._failed(f"{where} has no image ({'/'.join(IMAGE_EXTS)})")
             return False
-        if self.need_caption and "txt" not in sample:
+        if self.need_caption and not has_caption(sample):
             self.missing_caption += 1
-            self._failed(f"{where} has no caption (.txt; {self.missing_caption} so far)")
+            self._failed(f"{where} has no caption (.txt missing or blank; {self.missing_caption} so far)")
             return False
         return True
 
@@ -160,7 +163,7 @@ def _read(result, urls, stages, need_caption, limit):
                 result.no_image += 1
                 result.examples.setdefault("no image", result.current)
                 return False
-            if need_caption and "txt" not in sample:
+            if need_caption and not has_caption(sample):
                 result.no_caption += 1
                 result.examples.setdefault("no caption", result.current)
                 return False
@@ -205,7 +208,7 @@ def probe_stream(flag, urls, stages, need_caption=True, rank=0, timeout_s=120.0,
             problems.append(f"{result.no_image} samples without an image ({'/'.join(IMAGE_EXTS)}), e.g. "
                             f"{result.examples['no image']}")
         if result.no_caption:
-            problems.append(f"{result.no_caption} samples without a caption (.txt), e.g. "
+            problems.append(f"{result.no_caption} samples without a caption (.txt missing or blank), e.g. "
                             f"{result.examples['no caption']}")
         if result.decode_errors:
             where, message = result.decode_errors[0]
@@ -215,8 +218,8 @@ def probe_stream(flag, urls, stages, need_caption=True, rank=0, timeout_s=120.0,
         return f"{flag}: no usable sample in {shards}: " + "; ".join(problems)
     with_image = result.read - result.no_image
     if need_caption and with_image and result.no_caption / with_image > CAPTION_MISSING_MAX:
-        return (f"{flag}: {result.no_caption} of {with_image} samples read from {shards} have no caption (.txt), "
-                f"e.g. {result.examples['no caption']}; more than {CAPTION_MISSING_MAX:.0%} missing means the "
+        return (f"{flag}: {result.no_caption} of {with_image} samples read from {shards} have no caption (.txt missing or "
+                f"blank), e.g. {result.examples['no caption']}; more than {CAPTION_MISSING_MAX:.0%} missing means the "
                 f"captions are not where the loader reads them (every sample needs KEY.txt beside its image)")
     skipped = result.no_caption + result.no_image + len(result.decode_errors)
     logging.info(f"openclip-robust: {flag}: probe decoded {result.decoded} of {result.read} samples from "

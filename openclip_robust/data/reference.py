@@ -26,7 +26,8 @@ from open_clip_train.data import (
 
 from openclip_robust.data.probe import FailureGuard
 from openclip_robust.distributed import all_gather_objects, rank_and_world
-from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, has_image, is_local, tar_samples
+from openclip_robust.storage import StorageTimeout, bounded
+from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, decode_sample, has_image, is_local, tar_samples
 
 
 def first_sample_ok(path):
@@ -36,7 +37,7 @@ def first_sample_ok(path):
             _, exts = next(tar_samples(tar), (None, {}))
     except (OSError, tarfile.TarError):
         return False
-    return "txt" in exts and has_image(exts)
+    return has_image(exts) and "txt" in exts
 
 
 def source_weights(spec, factors, flag="--ref-data-upsampling-factors"):
@@ -57,21 +58,63 @@ def source_weights(spec, factors, flag="--ref-data-upsampling-factors"):
     return expand_urls(spec, factors)[1]
 
 
-def readable_shards(spec, flag="--ref-data", factors=None):
+def _unreadable(urls, touches):
+    """{url: why} for the local shards of `urls` that cannot be read (each touch noted for a timeout)."""
+    return {url: ("missing" if not os.path.exists(url) else "unreadable or without image+txt samples")
+            for url in urls if is_local(url) and not first_sample_ok(touches.at(url))}
+
+
+def refuse_missing_sources(spec, flag, bad):
+    """A '::' source none of whose shards can be read is an error: the run would train on the others alone."""
+    sources = spec.split("::")
+    for i, source in enumerate(sources if len(sources) > 1 else [], 1):
+        listed = expand_urls(source)[0]
+        if listed and all(url in bad for url in listed):
+            raise ValueError(f"{flag}: source {i} of {len(sources)} ({source!r}) has no readable shard ({listed[0]}: "
+                             f"{bad[listed[0]]}); the run would train on the other sources alone. Fix its path or "
+                             f"drop it from the '::' list.")
+
+
+def check_sources_exist(spec, flag, timeout_s):
+    """--train-data (read by upstream's loader) joined by '::': every source has a local shard that exists, or is
+    remote. Stops at each source's first existing shard, so it costs a few stat calls; bounded by `timeout_s`.
+    (A single source that is missing is the probe's error, before step 1.)"""
+    if "::" not in spec:
+        return
+
+    def job(touches):
+        bad = {}
+        for source in spec.split("::"):
+            for url in expand_urls(source)[0]:
+                if not is_local(url) or os.path.exists(touches.at(url)):
+                    break
+                bad[url] = "missing"
+        return bad
+    refuse_missing_sources(spec, flag, bounded(job, timeout_s, flag))
+
+
+def readable_shards(spec, flag="--ref-data", factors=None, timeout_s=120.0):
     """Expand `spec` (braces, '::') and drop local shards that cannot be read, with a warning.
 
-    Remote URLs are kept as they are. No readable shard at all is an error, raised before training:
-    a resampled stream over unreadable shards would otherwise spin forever. Under torch.distributed each
-    rank opens only its share of the shards (every world-th) and the ranks exchange what they found, so
-    a job opens each shard once and every rank drops the same ones. Returns (urls, weights): the
-    per-shard weights of `factors` (see source_weights), None when it is None.
+    Remote URLs are kept as they are. No readable shard at all, or none in one of the '::' sources, is an
+    error, raised before training: a resampled stream over unreadable shards would otherwise spin forever.
+    Under torch.distributed each rank opens only its share of the shards (every world-th) and the ranks
+    exchange what they found, so a job opens each shard once and every rank drops the same ones. Each rank's
+    scan is bounded by `timeout_s` (storage.bounded); a stuck rank's error reaches every rank. Returns
+    (urls, weights): the per-shard weights of `factors` (see source_weights), None when it is None.
     """
     urls, _ = expand_urls(spec)
     weights = source_weights(spec, factors)
     rank, world = rank_and_world()
-    mine = {url: ("missing" if not os.path.exists(url) else "unreadable or without image+txt samples")
-            for url in urls[rank::world] if is_local(url) and not first_sample_ok(url)}
-    bad = {url: reason for found in all_gather_objects(mine) for url, reason in found.items()}
+    try:
+        mine = bounded(lambda touches: _unreadable(urls[rank::world], touches), timeout_s, flag)
+    except StorageTimeout as e:
+        mine = {"": str(e)}  # exchanged like a finding, so no rank waits for the stuck one
+    found = all_gather_objects(mine)
+    stuck = [f"rank {r}: {f['']}" if world > 1 else f[""] for r, f in enumerate(found) if "" in f]
+    if stuck:
+        raise StorageTimeout(" | ".join(stuck))
+    bad = {url: reason for f in found for url, reason in f.items()}
     good, good_weights = [], []
     for i, url in enumerate(urls):
         if url not in bad:
@@ -83,6 +126,7 @@ def readable_shards(spec, flag="--ref-data", factors=None):
         raise ValueError(
             f"{flag} {spec!r}: no readable shard ({len(urls)} listed). Give webdataset .tar shards whose "
             f"samples hold an image ({'/'.join(IMAGE_EXTS)}) and a caption (.txt).")
+    refuse_missing_sources(spec, flag, bad)
     if weights is not None and not any(good_weights):
         raise ValueError(f"{flag} {spec!r}: every readable shard has upsampling factor 0")
     return good, (None if weights is None else good_weights)
@@ -144,7 +188,7 @@ class WithReference:
 
 def sample_stages(preprocess, tokenizer, handler):
     """The stages after the image/caption filter: what the stream and its probe (data/probe.py) decode with."""
-    return [wds.decode("pilrgb", handler=handler), wds.rename(image=IMAGE_KEYS, text="txt"),
+    return [wds.map(decode_sample, handler=handler), wds.rename(image=IMAGE_KEYS, text="txt"),
             wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0], handler=handler)]
 
 

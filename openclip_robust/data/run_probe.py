@@ -6,12 +6,12 @@ from open_clip_train.data import expand_urls
 from openclip_robust.data.image_only import is_webdataset
 from openclip_robust.data.probe import probe_stream, raise_on_any_rank
 from openclip_robust.data.reference import sample_stages
-from openclip_robust.data.shard_format import IMAGE_KEYS
+from openclip_robust.data.shard_format import IMAGE_KEYS, decode_sample
 
 
 def image_stages(preprocess):
     def stages(handler):
-        return [wds.decode("pilrgb", handler=handler), wds.rename(image=IMAGE_KEYS),
+        return [wds.map(decode_sample, handler=handler), wds.rename(image=IMAGE_KEYS),
                 wds.map_dict(image=preprocess, handler=handler)]
     return stages
 

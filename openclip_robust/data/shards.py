@@ -31,7 +31,7 @@ from open_clip_train.data import expand_urls
 from PIL import Image
 from tqdm import tqdm
 
-from openclip_robust.data.shard_format import image_of, tar_samples
+from openclip_robust.data.shard_format import image_of, tar_samples, to_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_NAMES_LOGGED = 50
@@ -113,7 +113,7 @@ def encode_image(data, resize=None):
             out = Image.new("RGB", rgba.size, (255, 255, 255))
             out.paste(rgba, mask=rgba.getchannel("A"))
         else:
-            out = img.convert("RGB")
+            out = to_rgb(img)  # 16-bit scaled, not clipped
         jpeg = img.format == "JPEG"
     if resize is not None:
         out = shorter_side_to(out, resize)
@@ -369,9 +369,9 @@ def check_ref_shards(shards, decode=False, write_sizes=False):
                     stats["missing_image"] += 1
                     bad.append((f"{path}:{key}", "no image"))
                     continue
-                if "txt" not in exts:
+                if "txt" not in exts or not tar.extractfile(exts["txt"]).read().strip():
                     stats["missing_txt"] += 1
-                    bad.append((f"{path}:{key}", "no txt"))
+                    bad.append((f"{path}:{key}", "no txt" if "txt" not in exts else "blank txt"))
                     continue
                 if decode:
                     try:

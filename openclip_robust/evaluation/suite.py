@@ -36,7 +36,6 @@ Classification metrics: ``top1`` (always), ``top5``, ``balanced_acc`` (mean per-
 The zero-shot head and the metrics are CLIP_benchmark's functions; the head is rebuilt from each
 checkpoint's own text tower.
 """
-import io
 import json
 import logging
 import os
@@ -49,12 +48,11 @@ import torch.nn.functional as F
 import webdataset as wds
 from clip_benchmark.metrics.zeroshot_classification import accuracy, run_classification, zero_shot_classifier
 from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
-from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from tqdm import tqdm
 
 from openclip_robust.data import shards as sh
-from openclip_robust.data.shard_format import image_of, is_local
+from openclip_robust.data.shard_format import decode_image, image_of, is_local
 from openclip_robust.evaluation import report
 
 ROLES = ("id", "ood", "zeroshot", "retrieval")
@@ -168,8 +166,7 @@ def resolve_dataset(spec):
 
 
 def _decode(data, preprocess):
-    with Image.open(io.BytesIO(data)) as img:
-        return preprocess(img.convert("RGB"))
+    return preprocess(decode_image(data))
 
 
 class _Files(torch.utils.data.Dataset):

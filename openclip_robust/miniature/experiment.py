@@ -240,7 +240,7 @@ def upstream_args(cfg, model_dir, data_dir, method_args, seed, logs, name):
 def _train_keeping_weights(args, checkpoint, dst):
     """In a child: upstream's loop, then only its final weights as `dst` ({"state_dict"}, no optimizer)."""
     train_upstream(args)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     torch.save({"state_dict": {k.removeprefix("module."): v for k, v in state.items()}}, dst)
 
 
@@ -273,7 +273,7 @@ def evaluate_run(cache_root, stage, run, suite="suite.json", roles=None, rebuild
     d = cached(Path(cache_root) / "eval", "eval-" + run.name.replace("/", "-"), params, lambda o: run_in_child(
         _evaluate_run, (run, str(stage.data / suite), str(o), roles), o / "eval.log", f"evaluating {run.name}"),
         rebuild)
-    return json.loads((d / "metrics.json").read_text()), torch.load(d / "embeddings.pt")
+    return json.loads((d / "metrics.json").read_text()), torch.load(d / "embeddings.pt", weights_only=True)
 
 
 def _wise(model_name, finetuned, alpha, dst):

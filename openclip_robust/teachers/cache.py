@@ -43,12 +43,12 @@ import open_clip
 import timm
 import torch
 import webdataset as wds
-from open_clip_train.data import expand_urls, filter_no_caption_or_no_image, log_and_continue, tarfile_to_samples_nothrow
+from open_clip_train.data import expand_urls, log_and_continue, tarfile_to_samples_nothrow
 from open_clip_train.precision import get_autocast
 
 from openclip_robust import precise
 from openclip_robust.data.reference import readable_shards
-from openclip_robust.data.shard_format import IMAGE_KEYS, has_image, is_local
+from openclip_robust.data.shard_format import IMAGE_KEYS, decode_sample, has_caption, has_image, is_local
 from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags, teacher_input_size
 
 MANIFEST = "manifest.json"
@@ -364,11 +364,11 @@ def _shard_loader(urls, preprocess, tokenizer, batch_size, workers):
     `tokenizer` None (urls, keys, images) batches of every sample with an image (as the image-only
     training loader reads them)."""
     if tokenizer is None:
-        stages = [wds.select(has_image), wds.decode("pilrgb", handler=log_and_continue),
+        stages = [wds.select(has_image), wds.map(decode_sample, handler=log_and_continue),
                   wds.rename(image=IMAGE_KEYS), wds.map_dict(image=preprocess),
                   wds.to_tuple("__url__", "__key__", "image")]
     else:
-        stages = [wds.select(filter_no_caption_or_no_image), wds.decode("pilrgb", handler=log_and_continue),
+        stages = [wds.select(lambda s: has_image(s) and has_caption(s)), wds.map(decode_sample, handler=log_and_continue),
                   wds.rename(image=IMAGE_KEYS, text="txt"),
                   wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
                   wds.to_tuple("__url__", "__key__", "image", "text")]

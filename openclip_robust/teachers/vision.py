@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from timm.models import get_pretrained_cfg, load_state_dict
 from torch import nn
 
+from openclip_robust.untrusted import is_refused_pickle, refusal
+
 
 def check_teacher_flags(name, path, image_size=None):
     """Errors a user can fix before anything is built: unknown timm name, missing weights file."""
@@ -77,8 +79,10 @@ def load_teacher_weights(model, name, path):
     as timm's pretrained loading does (original DINOv2 checkpoints are converted, position
     embeddings resampled to the model's grid), minus the classifier the pooled model lacks."""
     try:
-        state = load_state_dict(path)
+        state = load_state_dict(path, weights_only=True)
     except Exception as e:
+        if is_refused_pickle(e):
+            raise refusal(path, "--kernel-teacher-pretrained") from None
         raise ValueError(f"--kernel-teacher-pretrained {path}: not a readable checkpoint ({e})") from e
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:

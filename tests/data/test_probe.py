@@ -104,7 +104,7 @@ def test_stream_that_blocks_is_bounded_by_the_timeout(transforms):
 def test_captions_on_the_first_sample_only(tmp_path, transforms):
     urls, _ = shards(tmp_path, "nocap", first_captioned(32))
     error = probe(urls, transforms)
-    assert error.startswith(f"--ref-data: 31 of 32 samples read from {urls[0]} have no caption (.txt), "
+    assert error.startswith(f"--ref-data: 31 of 32 samples read from {urls[0]} have no caption (.txt missing or blank), "
                             f"e.g. sample 000000001 of {urls[0]}; more than 10% missing")
 
 
@@ -127,7 +127,7 @@ def test_failure_guard_stops_after_the_limit_and_rate_limits_warnings(caplog):
             guard.keep({"__key__": str(i), "__url__": "s.tar", "txt": "x"})
         with pytest.raises(DataError, match=r"--ref-data: 1000 samples or shards in a row failed "
                                             r"\(--data-failure-limit 1000\); last: .*sample last of s.tar has no "
-                                            r"caption \(.txt; 1 so far\)"):
+                                            r"caption \(.txt missing or blank; 1 so far\)"):
             guard.keep({"__key__": "last", "__url__": "s.tar", "png": b""})
     assert len(caplog.records) <= 12  # 1998 failures: the first 5, then one a minute (and one per new run)
 
@@ -168,7 +168,7 @@ def test_bad_target_data_stops_before_step_1(tmp_path, tiny_model_dir, ref_shard
     code, log = run_training(tmp_path, "run", *dive_run(tmp_path, tiny_model_dir, target, ref_shards), timeout=180)
     assert code != 0 and "data probe failed before step 1: --train-data" in log and expected in log
     if case == "captionless":
-        assert "32 samples without a caption (.txt)" in log
+        assert "32 samples without a caption (.txt missing or blank)" in log
 
 
 @pytest.mark.slow

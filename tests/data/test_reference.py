@@ -1,6 +1,7 @@
 """The reference stream: weighted '::' sources as upstream weights --train-data; the reference riding in the batch."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,9 @@ def test_ranks_share_the_shard_scan_and_drop_the_same_shards(tmp_path, ref_shard
     rank, is dropped by both."""
     bad = tmp_path / "corrupt.tar"
     bad.write_bytes(b"not a tar" * 100)
-    spec = f"{ref_shards}::{bad}"
+    extra = str(tmp_path / "good.tar")
+    shutil.copy(readable_shards(ref_shards)[0][0], extra)
+    spec = f"{ref_shards}::{tmp_path}/{{good,corrupt}}.tar"  # a second source: one good shard, one corrupt
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29300 + os.getpid() % 200), str(Path(__file__).parent / "dist_shard_scan_worker.py"), spec, str(tmp_path)]
@@ -65,6 +68,6 @@ def test_ranks_share_the_shard_scan_and_drop_the_same_shards(tmp_path, ref_shard
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     urls, _ = readable_shards(ref_shards)
-    assert sorted(ranks[0]["opened"] + ranks[1]["opened"]) == sorted(urls + [str(bad)])  # each once
+    assert sorted(ranks[0]["opened"] + ranks[1]["opened"]) == sorted(urls + [extra, str(bad)])  # each once
     assert ranks[0]["opened"] and ranks[1]["opened"]
-    assert ranks[0]["good"] == ranks[1]["good"] == urls
+    assert ranks[0]["good"] == ranks[1]["good"] == urls + [extra]

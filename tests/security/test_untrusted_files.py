@@ -90,3 +90,21 @@ def test_resume_latest_still_moves_a_truncated_newest_aside(tmp_path):
     resume.fall_back_past_corrupt_latest(args_for(tmp_path, "latest"))
     assert (ckpts / "epoch_2.pt.corrupt").exists() and (ckpts / "epoch_1.pt").exists()
     assert not (ckpts / "epoch_2.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["torch-legacy", "zip"])
+def test_a_crafted_prompt_module_or_teacher_weights_file_is_refused_without_running(tmp_path, kind):
+    import timm
+
+    from openclip_robust.prompts import PromptModule
+    from openclip_robust.teachers.vision import load_teacher_weights
+    from openclip_robust.untrusted import UntrustedFileError
+    marker = tmp_path / "pwned"
+    bad = crafted(tmp_path / "file.pt", marker, kind)
+    with pytest.raises(UntrustedFileError, match="not a weights-only file") as e:
+        PromptModule.load(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    with pytest.raises(UntrustedFileError, match=f"--kernel-teacher-pretrained {bad}: not a weights-only file"):
+        load_teacher_weights(model, "test_vit", str(bad))
+    assert not marker.exists()
