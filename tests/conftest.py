@@ -7,6 +7,7 @@ import timm
 import torch
 
 from openclip_robust.data.shards import write_samples
+from openclip_robust.losses import get_loss_class
 from openclip_robust.demo.samples import TINY_CFG, digits_samples, photo_samples, tiny_model  # noqa: F401
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -45,3 +46,30 @@ def teacher_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "test_vit.pth"
     torch.save(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def fewshot_target(tmp_path_factory):
+    """Two digits per class (20 images) as target shards with classnames.txt (ContCoOp's few-shot set)."""
+    from openclip_robust.demo.samples import DIGITS
+    root = tmp_path_factory.mktemp("fewshot")
+    shards = write_samples(str(root), digits_samples(64), 64)["shards"]
+    (root / "classnames.txt").write_text("".join(n + "\n" for n in DIGITS))
+    return shards
+
+
+def method_flags(method, ref_shards, teacher, fewshot):
+    """Flags for any registered method: its reference data if it needs some, plus what the few methods with
+    data of their own need (a new method that needs nothing special is covered without editing this)."""
+    flags = ["--robust-loss", method]
+    if get_loss_class(method).needs_reference:
+        flags += ["--ref-data", ref_shards, "--ref-workers", "0"]
+    return flags + {
+        "dive": ["--dive-lambda", "50"],
+        "kernel": ["--kernel-teacher", "test_vit", "--kernel-teacher-pretrained", teacher,
+                   "--kernel-teacher-image-size", "32"],
+        **{m: ["--train-data", fewshot, "--dataset-type", "webdataset",
+               "--train-num-samples", "20", "--prompt-shots", "2", "--prompt-n-ctx", "4"]
+           for m in ("coop", "kgcoop", "contcoop")},
+        "l2sp": ["--l2sp-lambda", "5"],
+    }.get(method, [])

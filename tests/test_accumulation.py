@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from openclip_robust.losses import loss_names
 from openclip_robust.demo.samples import digits_samples
 from openclip_robust.plugin import RobustPlugin
+from conftest import method_flags
 from test_training_e2e import load_ckpt, run_main
 
 pytestmark = pytest.mark.slow
@@ -37,30 +39,6 @@ def csv_target(tmp_path_factory):
         writer.writeheader()
         writer.writerows(rows)
     return str(root / "train.csv")
-
-
-@pytest.fixture(scope="module")
-def fewshot_target(tmp_path_factory):
-    """Two digits per class (20 images) as target shards with classnames.txt (ContCoOp's few-shot set)."""
-    from openclip_robust.data.shards import write_samples
-    from openclip_robust.demo.samples import DIGITS
-    root = tmp_path_factory.mktemp("fewshot")
-    shards = write_samples(str(root), digits_samples(64), 64)["shards"]
-    (root / "classnames.txt").write_text("".join(n + "\n" for n in DIGITS))
-    return shards
-
-
-def method_flags(method, ref_shards, teacher, fewshot):
-    return {
-        "flyp": ["--robust-loss", "flyp"],
-        "replay": ["--robust-loss", "replay", "--ref-data", ref_shards, "--ref-workers", "0"],
-        "snd": ["--robust-loss", "snd", "--ref-data", ref_shards, "--ref-workers", "0"],
-        "dive": ["--robust-loss", "dive", "--ref-data", ref_shards, "--ref-workers", "0", "--dive-lambda", "50"],
-        "kernel": ["--robust-loss", "kernel", "--kernel-teacher", "test_vit", "--kernel-teacher-pretrained", teacher,
-                   "--kernel-teacher-image-size", "32"],
-        "contcoop": ["--robust-loss", "contcoop", "--train-data", fewshot, "--dataset-type", "webdataset",
-                     "--train-num-samples", "20", "--prompt-shots", "2", "--prompt-n-ctx", "4"],
-    }[method]
 
 
 def one_step(tmp_path, monkeypatch, name, model_dir, target, batch, accum, flags):
@@ -91,15 +69,16 @@ def one_step(tmp_path, monkeypatch, name, model_dir, target, batch, accum, flags
     return grads[0], load_ckpt(tmp_path, name, 1)
 
 
-@pytest.mark.parametrize("method", ["flyp", "replay", "snd", "dive", "kernel", "contcoop"])
+@pytest.mark.parametrize("method", loss_names())
 def test_two_micro_batches_give_the_gradient_of_one_batch(tmp_path, monkeypatch, tiny_model_dir, csv_target,
                                                           ref_shards, teacher_file, fewshot_target, method):
     flags = method_flags(method, ref_shards, teacher_file, fewshot_target)
     g1, whole = one_step(tmp_path, monkeypatch, "whole", tiny_model_dir, csv_target, B, 1, flags)
     g2, split = one_step(tmp_path, monkeypatch, "split", tiny_model_dir, csv_target, B // 2, 2, flags)
-    assert g1.keys() == g2.keys() and len(g1) >= (1 if method == "contcoop" else 10)
-    # the kernel method freezes the text side and logit_scale; ContCoOp trains its prompt module alone
-    assert (method in ("kernel", "contcoop")) == ("logit_scale" not in g1)
+    prompts = method in ("coop", "kgcoop", "contcoop")  # they train their prompt module alone
+    assert g1.keys() == g2.keys() and len(g1) >= (1 if prompts else 10)
+    # the kernel method freezes the text side and logit_scale; the prompt methods the whole model
+    assert (method == "kernel" or prompts) == ("logit_scale" not in g1)
     for name in g1:
         if name == "logit_scale":  # upstream's own accumulation: its gradient is summed per micro-step
             torch.testing.assert_close(g2[name], 2 * g1[name], rtol=1e-4, atol=1e-9)

@@ -158,3 +158,53 @@ def test_readme_starts_with_the_two_commands_ci_runs():
     assert "bash scripts/setup.sh && .venv/bin/python -m openclip_robust.miniature" in first_block
     assert ".venv/bin/python -m pytest -q" in first_block
     assert ".venv/bin/python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+
+
+# -- the docs checked against the code ------------------------------------------------------------------
+def test_the_method_guide_is_the_l2sp_file():
+    page = (ROOT / "openclip_robust" / "docs" / "development.md").read_text()
+    block = re.search(r"<!-- guide:l2sp -->\n```python\n(.*?)\n```", page, re.S).group(1)
+    assert block == (ROOT / "openclip_robust" / "losses" / "l2sp.py").read_text().rstrip("\n")
+
+
+def test_the_guides_commands_run(tmp_path):
+    """The guide's three commands, run as written (from a copy of the README, so --write edits no file)."""
+    page = (ROOT / "openclip_robust" / "docs" / "development.md").read_text()
+    guide = page[page.index("## Adding a method"):]
+    commands = re.search(r"```bash\n(.*?)\n```", guide, re.S).group(1).splitlines()
+    assert len(commands) == 3
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text())
+    for line in commands:
+        command = line.split("  #")[0].split()
+        command[0] = sys.executable if command[0].endswith("python") else command[0]
+        command = [str(readme) if c == "README.md" else c for c in command]
+        if "openclip_robust.demo.samples" in command:
+            command += ["--out", str(tmp_path / "demo")]
+        out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, (line, out.stdout[-2000:], out.stderr[-2000:])
+
+
+def test_entry_point_named_in_the_docs_is_the_registered_one():
+    import tomllib
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["open_clip_train.plugins"]
+    hooks_page = (ROOT / "openclip_robust" / "docs" / "hooks.md").read_text()
+    assert f"`robust = {entry['robust']}`" in hooks_page
+
+
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.name)
+def test_python_blocks_in_the_docs_compile_and_their_imports_resolve(page):
+    import ast
+    for block in re.findall(r"```python\n(.*?)\n```", page.read_text(), re.S):
+        tree = ast.parse(block)  # a syntax error fails here
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("openclip_robust"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{page.name}: {node.module} has no {alias.name}"
+
+
+def test_every_registered_method_has_a_row_in_the_readme_methods_table():
+    rows = [line.split(" | ")[0] for line in README.read_text().splitlines() if line.startswith("| `")]
+    for name in loss_names():
+        assert any(f"`{name}`" in row for row in rows), f"README's methods table lacks --robust-loss {name}"

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+from conftest import method_flags
 from openclip_robust.demo.samples import TINY_CFG
+from openclip_robust.losses import get_loss_class, loss_names
 from openclip_robust.launch import run_main  # noqa: F401 (the other test files import it from here)
 
 pytestmark = pytest.mark.slow
@@ -18,6 +20,7 @@ LOSS_KEYS = {
     "dive": ["Contrastive_loss", "Dive_avl", "Dive_pvl", "Dive_m_norm"],
     "replay": ["Contrastive_loss", "Replay_loss"],
     "snd": ["Contrastive_loss", "Snd_loss"],
+    "l2sp": ["Contrastive_loss", "L2sp_loss"],
 }
 
 
@@ -40,17 +43,26 @@ def load_ckpt(tmp_path, name, epoch):
     return torch.load(tmp_path / "logs" / name / "checkpoints" / f"epoch_{epoch}.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("method", sorted(LOSS_KEYS))
-def test_every_robust_loss_trains(tmp_path, tiny_model_dir, target_shards, ref_shards, method):
-    extra = ["--robust-loss", method]
-    if method != "flyp":
-        extra += ["--ref-data", ref_shards, "--ref-batch-size", "8", "--dive-lambda", "10"] if method == "dive" \
-            else ["--ref-data", ref_shards, "--ref-batch-size", "8"]
+@pytest.mark.parametrize("method", loss_names())
+def test_every_robust_loss_trains(tmp_path, tiny_model_dir, target_shards, ref_shards, teacher_file, fewshot_target,
+                                  method):
+    """Every registered method, with the flags conftest.method_flags gives it: each logged term finite, once
+    per step; the known methods' terms by name."""
+    extra = method_flags(method, ref_shards, teacher_file, fewshot_target) + ["--ref-batch-size", "8"] * (
+        get_loss_class(method).needs_reference)
     assert run_main(train_args(tmp_path, method, tiny_model_dir, target_shards, *extra, epochs=2)) is None
-    for key in LOSS_KEYS[method]:
+    text = (tmp_path / "logs" / method / "out.log").read_text()
+    terms = set(re.findall(r"(\w+): [-+0-9.eE]+ \(", text)) - {"Loss"}
+    assert terms >= set(LOSS_KEYS.get(method, [])) and terms, terms
+    steps = len(logged(tmp_path, method, "Loss"))
+    assert steps == 4 if method in LOSS_KEYS else steps > 0  # 2 epochs x 2 steps (prompt methods: their few shots)
+    for key in terms:
         values = logged(tmp_path, method, key)
-        assert len(values) == 4, (key, values)  # 2 epochs x 2 steps
+        assert len(values) == steps, (key, values)
         assert all(math.isfinite(v) for v in values)
+    if method == "l2sp":  # step 1: θ = θ_pre exactly; then the weights have moved
+        values = logged(tmp_path, method, "L2sp_loss")
+        assert values[0] == 0 and all(v > 0 for v in values[1:])
     if method == "dive":
         avl, pvl = logged(tmp_path, method, "Dive_avl"), logged(tmp_path, method, "Dive_pvl")
         # step 1: fine-tuned == pre-trained, so u = v = 0 up to the rounding of the two forwards' kernels

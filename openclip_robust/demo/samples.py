@@ -27,6 +27,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from openclip_robust.data.shards import write_samples
+from openclip_robust.losses import get_loss_class
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -152,7 +153,7 @@ def main(argv=None):
            "--dataset-type", "webdataset", "--batch-size", "32", "--epochs", str(a.epochs), "--lr", "1e-3",
            "--warmup", "2", "--workers", "1", "--precision", "fp32", "--logs-dir", os.path.join(a.out, "logs"),
            "--name", name, "--log-every-n-steps", "2", "--robust-loss", a.robust_loss]
-    if a.robust_loss != "flyp":
+    if get_loss_class(a.robust_loss).needs_reference:
         cmd += ["--ref-data", spec("reference"), "--ref-batch-size", "32"]
     if a.robust_loss == "dive":
         cmd += ["--dive-lambda", "10"]  # a tiny model at LR 1e-3 moves far: the paper's 1000 would pin it

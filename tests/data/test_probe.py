@@ -27,11 +27,15 @@ from tests.test_training_e2e import train_args
 TESTS = Path(__file__).resolve().parent.parent
 
 
+class Hang(BaseException):
+    """Not an Exception: webdataset's skip-and-log handlers would swallow a TimeoutError and loop on."""
+
+
 @contextlib.contextmanager
 def bounded(seconds):
-    """Fail (TimeoutError) instead of hanging: the probe and the stream are Python loops, so SIGALRM lands."""
+    """Fail (Hang) instead of hanging: the probe and the stream are Python loops, so SIGALRM lands."""
     def alarm(*_):
-        raise TimeoutError(f"still running after {seconds} s")
+        raise Hang(f"still running after {seconds} s")
     previous = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
     try:

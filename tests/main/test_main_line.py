@@ -255,3 +255,26 @@ def test_upstream_target_loader_stops_after_consecutive_failures(tmp_path):
     """patches/main 0004: main's get_wds_dataset bounds failures in a row like the 3.x line's."""
     from tests.data.test_probe import assert_bounded, broken_target_cases
     assert_bounded(broken_target_cases(tmp_path), python=PYTHON)
+
+
+def test_main_decodes_16_bit_images_scaled_and_raster_formats_only():
+    """patch 0007 on main: decode_pil_rgb (the default webdataset path and the NaFlex batcher) scales a 16-bit
+    PNG to its top byte instead of clipping it to white, and refuses a non-raster format (EPS)."""
+    code = """if True:
+        import io, numpy as np
+        from PIL import Image
+        from open_clip_train.data import decode_pil_rgb
+        grey = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)
+        buf = io.BytesIO(); Image.fromarray(grey).save(buf, format="PNG")
+        out = np.asarray(decode_pil_rgb(buf.getvalue()))
+        assert np.array_equal(out[..., 0], (grey >> 8).astype(np.uint8)), out[..., 0]
+        try:
+            decode_pil_rgb(b"%!PS-Adobe-3.0 EPSF-3.0\\n%%BoundingBox: 0 0 10 10\\nshowpage\\n")
+        except Exception as e:
+            assert "cannot identify image file" in str(e), e
+        else:
+            raise AssertionError("EPS decoded")
+        print("ok")
+    """
+    out = subprocess.run([str(PYTHON), "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

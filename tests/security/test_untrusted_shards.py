@@ -2,11 +2,9 @@
 (a .pyd/.pickle member stays bytes), 16-bit images are scaled (not clipped to white), 32-bit and non-raster
 images are refused, blank captions count as missing. Checked in the plugin's stages and in upstream's own
 --train-data loader (patch 0007)."""
-import contextlib
 import io
 import os
 import pickle
-import signal
 import tarfile
 from types import SimpleNamespace
 
@@ -18,23 +16,7 @@ from PIL import Image
 from openclip_robust.data.probe import FailureGuard, probe_stream
 from openclip_robust.data.reference import sample_stages
 from openclip_robust.data.shard_format import decode_image, decode_sample, has_caption
-
-
-class Hang(BaseException):
-    """Not an Exception: webdataset's skip-and-log handlers would swallow a TimeoutError and loop on."""
-
-
-@contextlib.contextmanager
-def bounded(seconds):
-    def alarm(*_):
-        raise Hang(f"still running after {seconds} s")
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+from tests.data.test_probe import bounded
 
 
 class Payload:
