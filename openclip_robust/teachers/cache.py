@@ -20,15 +20,23 @@ preprocessing, tokenizer; or teacher name, teacher weights hash, teacher resolut
 preprocessing); training refuses a cache whose record differs from the run's, naming both values.
 Under torchrun the ranks take the data shards round-robin.
 
-Layout (format 2): ``DIR/shards/IIIII-<shard basename>.pt`` per data shard, ``{"keys": [...] in the
-shard's order, <feature>: (N, d)}`` in fp32 or fp16 (``--cache-dtype``), features ``image_features``
-and ``text_features`` (reference) or ``teacher_features`` (kernel-teacher); ``DIR/build.json`` (what is
-being built) and ``DIR/manifest.json`` (kind, provenance, dtype, dims, shards, files, counts), written
-last, so its presence marks a complete cache. Each shard file is written atomically, so a build that
+Layout (format 3): ``DIR/shards/IIIII-<shard basename>.pt`` per data shard, ``{"keys": [...] in the
+shard's order, "digests": (N, 16) uint8, <feature>: (N, d)}`` in fp32 or fp16 (``--cache-dtype``),
+features ``image_features`` and ``text_features`` (reference) or ``teacher_features`` (kernel-teacher);
+``DIR/build.json`` (what is being built) and ``DIR/manifest.json`` (kind, provenance, dtype, dims, shards,
+files, counts, checksums, data_digests), written last, so its presence marks a complete cache.
+
+Content, not only names and keys: each row carries the digest of the sample it was computed from (key,
+image bytes and, for the reference kind, caption bytes: what the teacher saw), and the manifest holds a
+SHA-256 per cache file and per data shard (over its samples' digests in order). A loader worker checks
+a cache file's checksum when it opens it (one read of a file it then reads anyway) and each sample's
+digest as the sample streams past (no extra pass over the data): a cache file changed on disk, or a data
+shard re-packed under the same name and keys with other content, stops the run with one line naming both
+files and saying to rebuild. Each shard file is written atomically, so a build that
 stops resumes: the same command skips the files already there. Training opens a shard's file
 (memory-mapped) in the loader worker that reads the shard, looks samples up by key within that shard,
 and the rows travel in the batch: no process holds an index over the whole cache. Format 1 caches
-(one part per build rank) are refused with the command to rebuild.
+(one part per build rank) and format 2 (no content digests) are refused with the command to rebuild.
 """
 import functools
 import hashlib
@@ -48,18 +56,21 @@ from open_clip_train.precision import get_autocast
 
 from openclip_robust import precise
 from openclip_robust.data.reference import readable_shards
-from openclip_robust.data.shard_format import IMAGE_KEYS, has_image, is_local
+from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, has_image, is_local
 from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags, teacher_input_size
 
 MANIFEST = "manifest.json"
 BUILD = "build.json"  # what an unfinished build is building: a resumed build must match it
 SHARD_DIR = "shards"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+OLD_FORMATS = {1: "one part per build rank, before per-shard files", 2: "no content digests, before format 3"}
+DIGEST_BYTES = 16  # per sample: a truncated SHA-256 (a chance collision is 2**-128)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # shard files a process keeps open: `attach` needs one (samples arrive in shard order); samples in the
 # shuffle buffer keep their own shard's file mapped until they leave it; a second saves a re-open
 OPEN_SHARDS = 2
 ROW_KEY = "__teacher_row__"  # where a sample notes its cached row between the tar reader and batching
+DIGEST_KEY = "__content_digest__"  # where a sample notes its digest in the build's loader
 RANDOM_TRANSFORM = re.compile(r"Random|Jitter|Augment|AugMix|Trivial|Blur|Erasing|Grayscale")
 
 # What each kind holds, which training flag reads it, and which provenance fields must match the run's
@@ -105,9 +116,13 @@ def file_sha256(path):
 
 @functools.lru_cache(maxsize=16)
 def _file_sha256(path, size, mtime_ns):
+    return sha256_of_file(path)
+
+
+def sha256_of_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -210,10 +225,42 @@ def read_manifest(cache_dir, kind="reference"):
                          f"by {other.get('flag', 'nothing')}), not a {kind!r} cache ({spec['what']}); build one "
                          f"with {spec['build']}")
     if manifest.get("format") != FORMAT_VERSION:
-        old = " (one part per build rank, before per-shard files)" if manifest.get("format") == 1 else ""
+        old = f" ({OLD_FORMATS[manifest.get('format')]})" if manifest.get("format") in OLD_FORMATS else ""
         raise ValueError(f"{spec['flag']} {cache_dir}: cache format {manifest.get('format')}{old}, this version "
                          f"reads format {FORMAT_VERSION}; rebuild it into a new folder with {spec['build']}")
     return manifest
+
+
+def sample_digest(sample, with_text=True):
+    """What a cached row was computed from, as raw tar bytes: the key, the image member the loader
+    decodes (the first of IMAGE_EXTS present) and, for the reference kind, the caption. Other members
+    (json, cls) do not enter: they do not change the teacher's output."""
+    digest = hashlib.sha256(sample["__key__"].encode())
+    image = next((e for e in IMAGE_EXTS if e in sample), None)
+    for ext in ((image, "txt") if with_text else (image,)):
+        value = sample.get(ext) if ext else None
+        value = value if isinstance(value, bytes) else b"" if value is None else str(value).encode()
+        digest.update(f"|{ext}:{len(value)}|".encode())
+        digest.update(value)
+    return digest.digest()[:DIGEST_BYTES]
+
+
+def shard_data_digest(digests):
+    """A data shard's content digest: SHA-256 over its samples' digests ((N, 16) uint8) in shard order."""
+    return hashlib.sha256(digests.contiguous().numpy().tobytes()).hexdigest()
+
+
+_VERIFIED = set()  # (path, size, mtime, checksum) this process has hashed: a re-opened file is not hashed again
+
+
+def file_matches(path, checksum):
+    st = os.stat(path)
+    memo = (os.path.realpath(path), st.st_size, st.st_mtime_ns, checksum)
+    if memo not in _VERIFIED:
+        if sha256_of_file(path) != checksum:
+            return False
+        _VERIFIED.add(memo)
+    return True
 
 
 def shard_file_names(urls):
@@ -229,14 +276,18 @@ class ShardRows:
     def __init__(self, path, features, damaged):
         try:
             data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            keys = data["keys"]
-            if not isinstance(keys, list) or any(data[n].dim() != 2 or len(data[n]) != len(keys) for n in features):
+            keys, digests = data["keys"], data["digests"]
+            if not isinstance(keys, list) or any(data[n].dim() != 2 or len(data[n]) != len(keys) for n in features) \
+                    or digests.dtype != torch.uint8 or tuple(digests.shape) != (len(keys), DIGEST_BYTES):
                 raise ValueError("keys and rows disagree")
         except Exception as e:  # truncated, random bytes, another file: all mean the file is damaged
             raise ValueError(damaged(path, e)) from None
-        self.path, self.keys = path, keys
+        self.path, self.keys, self.digests = path, keys, digests
         self.features = {n: data[n] for n in features}
         self._row = None
+
+    def digest(self, row):
+        return self.digests[row].numpy().tobytes()
 
     def __len__(self):
         return len(self.keys)
@@ -263,6 +314,8 @@ class TeacherCache:
         self.features = tuple(self.spec["features"])
         urls, files = self.manifest["shards"], self.manifest["files"]
         self.by_url = {u: os.path.join(cache_dir, f) for u, f in zip(urls, files)}
+        self.checksum = {os.path.join(cache_dir, f): c for f, c in zip(files, self.manifest["checksums"])}
+        self.with_text = kind == "reference"  # what each row's digest covers besides the key and image
         bases = Counter(os.path.basename(u) for u in urls)  # a moved data folder still finds its files
         self.by_base = {os.path.basename(u): p for u, p in self.by_url.items() if bases[os.path.basename(u)] == 1}
         missing = [p for p in self.by_url.values() if not os.path.isfile(p)]
@@ -316,10 +369,21 @@ class TeacherCache:
         return (f"{self.spec['flag']} {self.dir}: shard file {path} does not load ({type(error).__name__}); the "
                 f"cache is damaged: rebuild it with {self.spec['build']}")
 
+    def _rebuild(self):
+        return f"rebuild the cache with {self.spec['build']}"
+
+    def _open_rows(self, path, url):
+        """A cache file, memory-mapped, once its bytes match the checksum the build recorded."""
+        if not file_matches(path, self.checksum[path]):
+            raise ValueError(f"{self.spec['flag']} {self.dir}: cache file {path} (of {self.spec['data_flag']} shard "
+                             f"{url}) does not match its recorded checksum: it changed on disk since the build; "
+                             f"{self._rebuild()}")
+        return ShardRows(path, self.features, self._damaged)
+
     def shard(self, url):
         """The open ShardRows of the data shard `url` (least recently used ones closed)."""
         path = self.file_of(url)
-        rows = self._open.pop(path, None) or ShardRows(path, self.features, self._damaged)
+        rows = self._open.pop(path, None) or self._open_rows(path, url)
         self._open[path] = rows
         while len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)
@@ -330,9 +394,14 @@ class TeacherCache:
                         f"cache over the same {self.spec['data_flag']}")
 
     def attach(self, sample):
-        """wds.map stage: note where the sample's rows are (None if not cached: it may yet be filtered out)."""
+        """wds.map stage, on the tar reader's raw samples: note where the sample's rows are (None if not
+        cached: it may yet be filtered out), once its content is the content the rows were computed from."""
         shard = self.shard(sample["__url__"])
         row = shard.row(sample["__key__"])
+        if row is not None and sample_digest(sample, self.with_text) != shard.digest(row):
+            raise ValueError(f"{self.spec['flag']} {self.dir}: {self.spec['data_flag']} shard {sample['__url__']} is "
+                             f"not the shard cache file {shard.path} was built from (sample {sample['__key__']!r} "
+                             f"holds other content under the same key: re-packed or changed); {self._rebuild()}")
         sample[ROW_KEY] = None if row is None else (shard, row)
         return sample
 
@@ -360,18 +429,23 @@ def _dist_env():
 
 
 def _shard_loader(urls, preprocess, tokenizer, batch_size, workers):
-    """Every sample of `urls` once: (urls, keys, images, texts) batches of image-caption samples, or with
-    `tokenizer` None (urls, keys, images) batches of every sample with an image (as the image-only
+    """Every sample of `urls` once: (urls, keys, digests, images, texts) batches of image-caption samples, or
+    with `tokenizer` None (urls, keys, digests, images) batches of every sample with an image (as the image-only
     training loader reads them)."""
+    with_text = tokenizer is not None
+
+    def note_digest(sample):  # over the raw bytes, before decoding replaces them
+        return {**sample, DIGEST_KEY: sample_digest(sample, with_text)}
+
     if tokenizer is None:
-        stages = [wds.select(has_image), wds.decode("pilrgb", handler=log_and_continue),
+        stages = [wds.select(has_image), wds.map(note_digest), wds.decode("pilrgb", handler=log_and_continue),
                   wds.rename(image=IMAGE_KEYS), wds.map_dict(image=preprocess),
-                  wds.to_tuple("__url__", "__key__", "image")]
+                  wds.to_tuple("__url__", "__key__", DIGEST_KEY, "image")]
     else:
-        stages = [wds.select(filter_no_caption_or_no_image), wds.decode("pilrgb", handler=log_and_continue),
-                  wds.rename(image=IMAGE_KEYS, text="txt"),
+        stages = [wds.select(filter_no_caption_or_no_image), wds.map(note_digest),
+                  wds.decode("pilrgb", handler=log_and_continue), wds.rename(image=IMAGE_KEYS, text="txt"),
                   wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
-                  wds.to_tuple("__url__", "__key__", "image", "text")]
+                  wds.to_tuple("__url__", "__key__", DIGEST_KEY, "image", "text")]
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, tarfile_to_samples_nothrow, *stages,
                                 wds.batched(batch_size, partial=True))
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=min(workers, len(urls)))
@@ -426,11 +500,13 @@ def _embed_shards(out_dir, urls, files, loader, forward, names, dtype, workers, 
     for start in range(0, len(todo), step):
         group = todo[start:start + step]
         keys = {u: [] for u, _ in group}
+        digests = {u: [] for u, _ in group}
         feats = {u: {n: [] for n in names} for u, _ in group}
-        for batch_urls, batch_keys, *tensors in loader([u for u, _ in group]):
+        for batch_urls, batch_keys, batch_digests, *tensors in loader([u for u, _ in group]):
             out = {n: t.float().cpu() for n, t in forward(*tensors).items()}
             for i, (u, k) in enumerate(zip(batch_urls, batch_keys)):
                 keys[u].append(k)
+                digests[u].append(batch_digests[i])
                 for n in names:
                     feats[u][n].append(out[n][i])
         for u, f in group:
@@ -440,7 +516,9 @@ def _embed_shards(out_dir, urls, files, loader, forward, names, dtype, workers, 
                                  f"({len(dup)} such keys); keys must be unique within a shard")
             rows = {n: torch.stack(v).to(DTYPES[dtype]) if v else torch.empty(0, 0, dtype=DTYPES[dtype])
                     for n, v in feats[u].items()}
-            _save_atomic({"keys": keys[u], **rows}, os.path.join(out_dir, f))
+            digest_rows = torch.frombuffer(bytearray(b"".join(digests[u])), dtype=torch.uint8)
+            _save_atomic({"keys": keys[u], "digests": digest_rows.reshape(-1, DIGEST_BYTES), **rows},
+                         os.path.join(out_dir, f))
 
 
 def _build(out_dir, kind, record, dtype, urls, rank, world, loader, forward, workers):
@@ -458,7 +536,7 @@ def _build(out_dir, kind, record, dtype, urls, rank, world, loader, forward, wor
         torch.distributed.barrier()
     manifest = None
     if rank == 0:
-        counts, dims = [], {}
+        counts, dims, checksums, data_digests = [], {}, [], []
         for f in files:
             shard = ShardRows(os.path.join(out_dir, f), names,
                               lambda p, e: f"cache-teacher: {p} does not load ({type(e).__name__}); delete it and "
@@ -466,8 +544,11 @@ def _build(out_dir, kind, record, dtype, urls, rank, world, loader, forward, wor
             counts.append(len(shard))
             if len(shard):
                 dims = {n: shard.features[n].shape[1] for n in names}
+            checksums.append(sha256_of_file(os.path.join(out_dir, f)))
+            data_digests.append(shard_data_digest(shard.digests))
         manifest = {"format": FORMAT_VERSION, "kind": kind, "provenance": record, "dtype": dtype, "dims": dims,
-                    "shards": urls, "files": files, "counts": counts, "samples": sum(counts)}
+                    "shards": urls, "files": files, "counts": counts, "samples": sum(counts),
+                    "checksums": checksums, "data_digests": data_digests}
         with open(os.path.join(out_dir, MANIFEST) + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(os.path.join(out_dir, MANIFEST) + ".tmp", os.path.join(out_dir, MANIFEST))
