@@ -13,7 +13,7 @@ from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master, is_using_distributed
 from open_clip_train.precision import get_autocast
 
-from openclip_robust import flags, guards, resume
+from openclip_robust import flags, guards, resume, rng_state
 from openclip_robust.errors import install_excepthook
 from openclip_robust.storage import bounded
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, exact_half_dtype, freeze_bn_stats, frozen_copy
@@ -217,6 +217,10 @@ class RobustPlugin:
     def on_train_epoch_start(self, args, model, data, epoch):
         if self.loss is None:
             return
+        if getattr(self, "_rng_at_epoch_start", None) is not None:  # the first epoch of a resumed run
+            rng_state.restore(self._rng_at_epoch_start)
+            self._rng_at_epoch_start = None
+            logging.info("openclip-robust: restored the random generators' states from the checkpoint")
         if args.robust_bn == "frozen":
             freeze_bn_stats(model)
         self.guard.on_train_epoch_start(epoch, data)
@@ -256,7 +260,9 @@ class RobustPlugin:
     def state_dict(self):
         if self.loss is None:
             return {}
-        return {"loss": self.loss.state_dict(), resume.RECORD_KEY: self.record}
+        # the generators' states at the end of the epoch (upstream saves on rank 0: its states; see rng_state)
+        return {"loss": self.loss.state_dict(), resume.RECORD_KEY: self.record,
+                "rng": {**rng_state.capture(), "rank": self.args.rank, "world_size": self.args.world_size}}
 
     def load_state_dict(self, state):
         if self.loss is None:
@@ -267,3 +273,8 @@ class RobustPlugin:
         self._resumed_state = True
         self.loss.load_state_dict(state.get("loss", {}))
         logging.info("openclip-robust: restored loss state from the checkpoint")
+        rng = state.get("rng")  # absent in checkpoints written before it was saved: nothing to restore
+        if rng is not None and rng["rank"] == self.args.rank and rng["world_size"] == self.args.world_size:
+            # restored when the resumed epoch starts (on_train_epoch_start), where the straight run went on from
+            # this state: the data set-up between here and there (probes) draws from the generators too
+            self._rng_at_epoch_start = rng

@@ -2,14 +2,15 @@
 
     .venv/bin/python scripts/bench_teacher_cache.py --out /tmp/bench-cache   # 2.9M keys, d = 512 image + text
 
-Writes a synthetic reference cache (``openclip_robust.teachers.cache``'s format 2: one file per data
-shard) of --keys keys in shards of --per-shard, for each --dtypes entry (one at a time, deleted after;
+Writes a synthetic reference cache (``openclip_robust.teachers.cache``'s format 3: one file per data
+shard, with each row's content digest and each file's checksum) of --keys keys in shards of --per-shard, for each --dtypes entry (one at a time, deleted after;
 a dtype whose cache would exceed --disk-gb is measured at the most whole shards that fit, and the row
 says so). Then, each in a fresh process so that RSS is its own: (1) one rank as training opens it:
 the manifest, then every --ranks-th shard's file (the shards that rank streams) through the cache's
-open-shard limit, looking one key up in each (which builds that shard's key -> row map); (2) the
-look-up of a batch of --batch samples as a loader worker makes it (``attach`` + ``rows_of`` per
-sample, then stacked), from the shards left open; (3) for comparison, a global key -> (shard, row)
+open-shard limit, each checked against its checksum, looking one key up in each (which builds that
+shard's key -> row map); (2) the look-up of a batch of --batch samples as a loader worker makes it
+(``attach``, which checks the sample's digest over its --image-bytes image and caption, + ``rows_of``
+per sample, then stacked), from the shards left open; (3) for comparison, a global key -> (shard, row)
 index over every shard (what format 1 built in every process). RSS: /proc/self/status VmRSS. Files
 are in the page cache after writing (warm), as on a node whose ranks share them. Prints one table.
 """
@@ -43,29 +44,38 @@ def grown(before):
     return {k: now[k] - before[k] for k in now}
 
 
-def write(out, keys, per_shard, dim, dtype):
-    """A complete format-2 reference cache of `keys` synthetic keys; returns seconds to write."""
+def sample(url, key, image_bytes):
+    """A synthetic raw sample: `image_bytes` bytes of image (the same for every key) and a caption."""
+    return {"__url__": url, "__key__": key, "jpg": b"\xff" * image_bytes, "txt": f"caption {key}".encode()}
+
+
+def write(out, keys, per_shard, dim, dtype, image_bytes):
+    """A complete format-3 reference cache of `keys` synthetic keys; returns seconds to write."""
     start = time.perf_counter()
     n_shards = -(-keys // per_shard)
     urls = [f"/data/ref/{i:06d}.tar" for i in range(n_shards)]
     files = teacher_cache.shard_file_names(urls)
     os.makedirs(os.path.join(out, teacher_cache.SHARD_DIR), exist_ok=True)
-    counts, gen = [], torch.Generator().manual_seed(0)
+    counts, checksums, data_digests, gen = [], [], [], torch.Generator().manual_seed(0)
     for i, name in enumerate(files):
         n = min(per_shard, keys - i * per_shard)
         rows = {f: torch.randn(n, dim, generator=gen).to(teacher_cache.DTYPES[dtype]) for f in FEATURES}
-        teacher_cache._save_atomic({"keys": [f"{i * per_shard + j:09d}" for j in range(n)], **rows},
-                                   os.path.join(out, name))
+        names = [f"{i * per_shard + j:09d}" for j in range(n)]
+        digests = torch.frombuffer(bytearray(b"".join(teacher_cache.sample_digest(sample(urls[i], k, image_bytes))
+                                                      for k in names)), dtype=torch.uint8).reshape(n, -1)
+        teacher_cache._save_atomic({"keys": names, "digests": digests, **rows}, os.path.join(out, name))
         counts.append(n)
+        checksums.append(teacher_cache.sha256_of_file(os.path.join(out, name)))
+        data_digests.append(teacher_cache.shard_data_digest(digests))
     manifest = {"format": teacher_cache.FORMAT_VERSION, "kind": "reference", "provenance": {}, "dtype": dtype,
                 "dims": {f: dim for f in FEATURES}, "shards": urls, "files": files, "counts": counts,
-                "samples": keys}
+                "samples": keys, "checksums": checksums, "data_digests": data_digests}
     with open(os.path.join(out, teacher_cache.MANIFEST), "w") as f:
         json.dump(manifest, f)
     return time.perf_counter() - start
 
 
-def measure_rank(out, ranks, batch, repeats):
+def measure_rank(out, ranks, batch, repeats, image_bytes):
     """One rank: open, the shards it streams, batch look-ups (run in its own process)."""
     rss0 = rss_mb()
     start = time.perf_counter()
@@ -84,7 +94,7 @@ def measure_rank(out, ranks, batch, repeats):
         samples = []
         for _ in range(batch):
             url = rng.choice(open_now)
-            samples.append({"__url__": url, "__key__": rng.choice(cache.shard(url).keys)})
+            samples.append(sample(url, rng.choice(cache.shard(url).keys), image_bytes))
         start = time.perf_counter()
         rows = [cache.rows_of(cache.attach(s)) for s in samples]
         out_rows = [torch.stack(col) for col in zip(*rows)]
@@ -109,7 +119,7 @@ def measure_global(out):
 
 def child(what, out, a):
     cmd = [sys.executable, __file__, "--child", what, "--out", out, "--ranks", str(a.ranks), "--batch", str(a.batch),
-           "--repeats", str(a.repeats)]
+           "--repeats", str(a.repeats), "--image-bytes", str(a.image_bytes)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -125,11 +135,13 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=8, help="the measured rank streams 1 in RANKS shards")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20, help="batch look-ups timed (median)")
+    p.add_argument("--image-bytes", type=int, default=30_000,
+                   help="bytes of each sample's image that attach's digest reads (a 256 px JPEG: ~15-30 kB)")
     p.add_argument("--child", choices=("rank", "global"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_flush_denormal(True)
     if a.child:
-        print(json.dumps(measure_rank(a.out, a.ranks, a.batch, a.repeats) if a.child == "rank"
+        print(json.dumps(measure_rank(a.out, a.ranks, a.batch, a.repeats, a.image_bytes) if a.child == "rank"
                          else measure_global(a.out)))
         return
     rows = []
@@ -139,14 +151,14 @@ def main(argv=None):
         keys = min(a.keys, fit)
         out = os.path.join(a.out, dtype)
         shutil.rmtree(out, ignore_errors=True)
-        write_s = write(out, keys, a.per_shard, a.dim, dtype)
+        write_s = write(out, keys, a.per_shard, a.dim, dtype, a.image_bytes)
         disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
         rows.append({"dtype": dtype, "keys": keys, "shards": -(-keys // a.per_shard), "write_s": write_s,
                      "bytes_per_sample": disk / keys, "disk_gb": disk / 1e9, **child("rank", out, a),
                      **child("global", out, a)})
         shutil.rmtree(out)
     print(f"{a.keys} keys requested, {a.per_shard} per shard, d = {a.dim} image + {a.dim} text, 1 rank of "
-          f"{a.ranks}, batch {a.batch}, open-shard limit {teacher_cache.OPEN_SHARDS}, warm page cache")
+          f"{a.ranks}, batch {a.batch}, {a.image_bytes} image bytes per sample, open-shard limit {teacher_cache.OPEN_SHARDS}, warm page cache")
     print("| dtype | keys | shards | bytes / sample | disk (GB) | open: manifest (s) | open: the rank's shards (s) "
           "| RSS per rank: own + mapped file (MB) | look-up of a batch (ms) | global index: time (s) "
           "| global index: own RSS (MB) |")

@@ -20,15 +20,23 @@ preprocessing, tokenizer; or teacher name, teacher weights hash, teacher resolut
 preprocessing); training refuses a cache whose record differs from the run's, naming both values.
 Under torchrun the ranks take the data shards round-robin.
 
-Layout (format 2): ``DIR/shards/IIIII-<shard basename>.pt`` per data shard, ``{"keys": [...] in the
-shard's order, <feature>: (N, d)}`` in fp32 or fp16 (``--cache-dtype``), features ``image_features``
-and ``text_features`` (reference) or ``teacher_features`` (kernel-teacher); ``DIR/build.json`` (what is
-being built) and ``DIR/manifest.json`` (kind, provenance, dtype, dims, shards, files, counts), written
-last, so its presence marks a complete cache. Each shard file is written atomically, so a build that
+Layout (format 3): ``DIR/shards/IIIII-<shard basename>.pt`` per data shard, ``{"keys": [...] in the
+shard's order, "digests": (N, 16) uint8, <feature>: (N, d)}`` in fp32 or fp16 (``--cache-dtype``),
+features ``image_features`` and ``text_features`` (reference) or ``teacher_features`` (kernel-teacher);
+``DIR/build.json`` (what is being built) and ``DIR/manifest.json`` (kind, provenance, dtype, dims, shards,
+files, counts, checksums, data_digests), written last, so its presence marks a complete cache.
+
+Content, not only names and keys: each row carries the digest of the sample it was computed from (key,
+image bytes and, for the reference kind, caption bytes: what the teacher saw), and the manifest holds a
+SHA-256 per cache file and per data shard (over its samples' digests in order). A loader worker checks
+a cache file's checksum when it opens it (one read of a file it then reads anyway) and each sample's
+digest as the sample streams past (no extra pass over the data): a cache file changed on disk, or a data
+shard re-packed under the same name and keys with other content, stops the run with one line naming both
+files and saying to rebuild. Each shard file is written atomically, so a build that
 stops resumes: the same command skips the files already there. Training opens a shard's file
 (memory-mapped) in the loader worker that reads the shard, looks samples up by key within that shard,
 and the rows travel in the batch: no process holds an index over the whole cache. Format 1 caches
-(one part per build rank) are refused with the command to rebuild.
+(one part per build rank) and format 2 (no content digests) are refused with the command to rebuild.
 """
 import functools
 import hashlib
@@ -48,18 +56,27 @@ from open_clip_train.precision import get_autocast
 
 from openclip_robust import precise
 from openclip_robust.data.reference import readable_shards
-from openclip_robust.data.shard_format import IMAGE_KEYS, decode_sample, has_caption, has_image, is_local
+from openclip_robust.errors import UserError
+from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, decode_sample, has_caption, has_image, is_local
 from openclip_robust.teachers.vision import VisionTeacher, check_teacher_flags, teacher_input_size
+
+
+class CacheError(UserError, ValueError):
+    """A cache that does not belong to this run or is damaged: one line (errors.py), rebuild it."""
+
 
 MANIFEST = "manifest.json"
 BUILD = "build.json"  # what an unfinished build is building: a resumed build must match it
 SHARD_DIR = "shards"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+OLD_FORMATS = {1: "one part per build rank, before per-shard files", 2: "no content digests, before format 3"}
+DIGEST_BYTES = 16  # per sample: a truncated SHA-256 (a chance collision is 2**-128)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # shard files a process keeps open: `attach` needs one (samples arrive in shard order); samples in the
 # shuffle buffer keep their own shard's file mapped until they leave it; a second saves a re-open
 OPEN_SHARDS = 2
 ROW_KEY = "__teacher_row__"  # where a sample notes its cached row between the tar reader and batching
+DIGEST_KEY = "__content_digest__"  # where a sample notes its digest in the build's loader
 RANDOM_TRANSFORM = re.compile(r"Random|Jitter|Augment|AugMix|Trivial|Blur|Erasing|Grayscale")
 
 # What each kind holds, which training flag reads it, and which provenance fields must match the run's
@@ -105,9 +122,13 @@ def file_sha256(path):
 
 @functools.lru_cache(maxsize=16)
 def _file_sha256(path, size, mtime_ns):
+    return sha256_of_file(path)
+
+
+def sha256_of_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -124,7 +145,7 @@ def preprocess_fingerprint(preprocess):
 def assert_deterministic(preprocess, what="the reference preprocessing"):
     random_steps = [type(t).__name__ for t in transform_steps(preprocess) if RANDOM_TRANSFORM.search(type(t).__name__)]
     if random_steps:
-        raise ValueError(f"teacher cache: {what} is random ({', '.join(random_steps)}): cached embeddings would not "
+        raise CacheError(f"teacher cache: {what} is random ({', '.join(random_steps)}): cached embeddings would not "
                          f"match what the frozen model sees; use the deterministic eval transform")
 
 
@@ -177,7 +198,7 @@ def check_provenance(recorded, current, where, kind="reference"):
     spec = KINDS[kind]
     for key, flags in spec["checked"].items():
         if key in current and recorded.get(key) != current.get(key):
-            raise ValueError(
+            raise CacheError(
                 f"{spec['flag']} {where}: stale cache, its {key} differs from this run's (set by {flags})\n"
                 f"  cache: {_short(recorded.get(key))}\n  run:   {_short(current.get(key))}\n"
                 f"Rebuild it with {spec['build']}, or run with the flags it was built with.")
@@ -192,28 +213,60 @@ def read_manifest(cache_dir, kind="reference"):
     spec = KINDS[kind]
     path = os.path.join(cache_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise ValueError(f"{spec['flag']} {cache_dir}: no {MANIFEST} there (not a cache, or its build did not "
+        raise CacheError(f"{spec['flag']} {cache_dir}: no {MANIFEST} there (not a cache, or its build did not "
                          f"finish: run the same cache-teacher command again to resume it); build one with "
                          f"{spec['build']}")
     try:
         with open(path) as f:
             manifest = json.load(f)
         if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
+            raise CacheError("not a JSON object")
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{spec['flag']} {cache_dir}: {path} is not a cache manifest ({type(e).__name__}); the "
+        raise CacheError(f"{spec['flag']} {cache_dir}: {path} is not a cache manifest ({type(e).__name__}); the "
                          f"cache is damaged: rebuild it with {spec['build']}") from None
     found = manifest.get("kind", "reference")
     if found != kind:
         other = KINDS.get(found, {})
-        raise ValueError(f"{spec['flag']} {cache_dir}: a {found!r} cache ({other.get('what', 'unknown kind')}, read "
+        raise CacheError(f"{spec['flag']} {cache_dir}: a {found!r} cache ({other.get('what', 'unknown kind')}, read "
                          f"by {other.get('flag', 'nothing')}), not a {kind!r} cache ({spec['what']}); build one "
                          f"with {spec['build']}")
     if manifest.get("format") != FORMAT_VERSION:
-        old = " (one part per build rank, before per-shard files)" if manifest.get("format") == 1 else ""
-        raise ValueError(f"{spec['flag']} {cache_dir}: cache format {manifest.get('format')}{old}, this version "
+        old = f" ({OLD_FORMATS[manifest.get('format')]})" if manifest.get("format") in OLD_FORMATS else ""
+        raise CacheError(f"{spec['flag']} {cache_dir}: cache format {manifest.get('format')}{old}, this version "
                          f"reads format {FORMAT_VERSION}; rebuild it into a new folder with {spec['build']}")
     return manifest
+
+
+def sample_digest(sample, with_text=True):
+    """What a cached row was computed from, as raw tar bytes: the key, the image member the loader
+    decodes (the first of IMAGE_EXTS present) and, for the reference kind, the caption. Other members
+    (json, cls) do not enter: they do not change the teacher's output."""
+    digest = hashlib.sha256(sample["__key__"].encode())
+    image = next((e for e in IMAGE_EXTS if e in sample), None)
+    for ext in ((image, "txt") if with_text else (image,)):
+        value = sample.get(ext) if ext else None
+        value = value if isinstance(value, bytes) else b"" if value is None else str(value).encode()
+        digest.update(f"|{ext}:{len(value)}|".encode())
+        digest.update(value)
+    return digest.digest()[:DIGEST_BYTES]
+
+
+def shard_data_digest(digests):
+    """A data shard's content digest: SHA-256 over its samples' digests ((N, 16) uint8) in shard order."""
+    return hashlib.sha256(digests.contiguous().numpy().tobytes()).hexdigest()
+
+
+_VERIFIED = set()  # (path, size, mtime, checksum) this process has hashed: a re-opened file is not hashed again
+
+
+def file_matches(path, checksum):
+    st = os.stat(path)
+    memo = (os.path.realpath(path), st.st_size, st.st_mtime_ns, checksum)
+    if memo not in _VERIFIED:
+        if sha256_of_file(path) != checksum:
+            return False
+        _VERIFIED.add(memo)
+    return True
 
 
 def shard_file_names(urls):
@@ -229,14 +282,18 @@ class ShardRows:
     def __init__(self, path, features, damaged):
         try:
             data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            keys = data["keys"]
-            if not isinstance(keys, list) or any(data[n].dim() != 2 or len(data[n]) != len(keys) for n in features):
-                raise ValueError("keys and rows disagree")
+            keys, digests = data["keys"], data["digests"]
+            if not isinstance(keys, list) or any(data[n].dim() != 2 or len(data[n]) != len(keys) for n in features) \
+                    or digests.dtype != torch.uint8 or tuple(digests.shape) != (len(keys), DIGEST_BYTES):
+                raise CacheError("keys and rows disagree")
         except Exception as e:  # truncated, random bytes, another file: all mean the file is damaged
-            raise ValueError(damaged(path, e)) from None
-        self.path, self.keys = path, keys
+            raise CacheError(damaged(path, e)) from None
+        self.path, self.keys, self.digests = path, keys, digests
         self.features = {n: data[n] for n in features}
         self._row = None
+
+    def digest(self, row):
+        return self.digests[row].numpy().tobytes()
 
     def __len__(self):
         return len(self.keys)
@@ -263,11 +320,13 @@ class TeacherCache:
         self.features = tuple(self.spec["features"])
         urls, files = self.manifest["shards"], self.manifest["files"]
         self.by_url = {u: os.path.join(cache_dir, f) for u, f in zip(urls, files)}
+        self.checksum = {os.path.join(cache_dir, f): c for f, c in zip(files, self.manifest["checksums"])}
+        self.with_text = kind == "reference"  # what each row's digest covers besides the key and image
         bases = Counter(os.path.basename(u) for u in urls)  # a moved data folder still finds its files
         self.by_base = {os.path.basename(u): p for u, p in self.by_url.items() if bases[os.path.basename(u)] == 1}
         missing = [p for p in self.by_url.values() if not os.path.isfile(p)]
         if missing:
-            raise ValueError(f"{self.spec['flag']} {cache_dir}: shard file {missing[0]} is missing ({len(missing)} "
+            raise CacheError(f"{self.spec['flag']} {cache_dir}: shard file {missing[0]} is missing ({len(missing)} "
                              f"of {len(files)}); the cache is damaged: rebuild it with {self.spec['build']}")
         self._open = OrderedDict()
 
@@ -280,7 +339,7 @@ class TeacherCache:
     def dims(self):
         """{feature: d}."""
         if not self.manifest["samples"]:
-            raise ValueError(f"{self.spec['flag']} {self.dir}: the cache holds no sample; rebuild it over the "
+            raise CacheError(f"{self.spec['flag']} {self.dir}: the cache holds no sample; rebuild it over the "
                              f"same {self.spec['data_flag']}")
         return dict(self.manifest["dims"])
 
@@ -293,7 +352,7 @@ class TeacherCache:
         path = self.by_url.get(url) or self.by_base.get(os.path.basename(url))
         if path is None:
             cached = sorted(os.path.basename(u) for u in self.by_url)
-            raise ValueError(f"{self.spec['flag']} {self.dir}: {self.spec['data_flag']} shard {url} was not cached "
+            raise CacheError(f"{self.spec['flag']} {self.dir}: {self.spec['data_flag']} shard {url} was not cached "
                              f"(cached: {len(cached)} shards such as {cached[0] if cached else 'none'}); rebuild the "
                              f"cache over the same {self.spec['data_flag']}")
         return path
@@ -310,16 +369,27 @@ class TeacherCache:
                 f.seek(max(0, os.path.getsize(path) - 22))
                 tail = f.read(4)
             if head != b"PK\x03\x04" or tail != b"PK\x05\x06":  # torch.save's zip: local header, end record
-                raise ValueError(self._damaged(path, ValueError("not a whole torch.save file")))
+                raise CacheError(self._damaged(path, ValueError("not a whole torch.save file")))
 
     def _damaged(self, path, error):
         return (f"{self.spec['flag']} {self.dir}: shard file {path} does not load ({type(error).__name__}); the "
                 f"cache is damaged: rebuild it with {self.spec['build']}")
 
+    def _rebuild(self):
+        return f"rebuild the cache with {self.spec['build']}"
+
+    def _open_rows(self, path, url):
+        """A cache file, memory-mapped, once its bytes match the checksum the build recorded."""
+        if not file_matches(path, self.checksum[path]):
+            raise CacheError(f"{self.spec['flag']} {self.dir}: cache file {path} (of {self.spec['data_flag']} shard "
+                             f"{url}) does not match its recorded checksum: it changed on disk since the build; "
+                             f"{self._rebuild()}")
+        return ShardRows(path, self.features, self._damaged)
+
     def shard(self, url):
         """The open ShardRows of the data shard `url` (least recently used ones closed)."""
         path = self.file_of(url)
-        rows = self._open.pop(path, None) or ShardRows(path, self.features, self._damaged)
+        rows = self._open.pop(path, None) or self._open_rows(path, url)
         self._open[path] = rows
         while len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)
@@ -330,9 +400,14 @@ class TeacherCache:
                         f"cache over the same {self.spec['data_flag']}")
 
     def attach(self, sample):
-        """wds.map stage: note where the sample's rows are (None if not cached: it may yet be filtered out)."""
+        """wds.map stage, on the tar reader's raw samples: note where the sample's rows are (None if not
+        cached: it may yet be filtered out), once its content is the content the rows were computed from."""
         shard = self.shard(sample["__url__"])
         row = shard.row(sample["__key__"])
+        if row is not None and sample_digest(sample, self.with_text) != shard.digest(row):
+            raise CacheError(f"{self.spec['flag']} {self.dir}: {self.spec['data_flag']} shard {sample['__url__']} is "
+                             f"not the shard cache file {shard.path} was built from (sample {sample['__key__']!r} "
+                             f"holds other content under the same key: re-packed or changed); {self._rebuild()}")
         sample[ROW_KEY] = None if row is None else (shard, row)
         return sample
 
@@ -360,18 +435,23 @@ def _dist_env():
 
 
 def _shard_loader(urls, preprocess, tokenizer, batch_size, workers):
-    """Every sample of `urls` once: (urls, keys, images, texts) batches of image-caption samples, or with
-    `tokenizer` None (urls, keys, images) batches of every sample with an image (as the image-only
+    """Every sample of `urls` once: (urls, keys, digests, images, texts) batches of image-caption samples, or
+    with `tokenizer` None (urls, keys, digests, images) batches of every sample with an image (as the image-only
     training loader reads them)."""
+    with_text = tokenizer is not None
+
+    def note_digest(sample):  # over the raw bytes, before decoding replaces them
+        return {**sample, DIGEST_KEY: sample_digest(sample, with_text)}
+
     if tokenizer is None:
-        stages = [wds.select(has_image), wds.map(decode_sample, handler=log_and_continue),
+        stages = [wds.select(has_image), wds.map(note_digest), wds.map(decode_sample, handler=log_and_continue),
                   wds.rename(image=IMAGE_KEYS), wds.map_dict(image=preprocess),
-                  wds.to_tuple("__url__", "__key__", "image")]
+                  wds.to_tuple("__url__", "__key__", DIGEST_KEY, "image")]
     else:
-        stages = [wds.select(lambda s: has_image(s) and has_caption(s)), wds.map(decode_sample, handler=log_and_continue),
-                  wds.rename(image=IMAGE_KEYS, text="txt"),
+        stages = [wds.select(lambda s: has_image(s) and has_caption(s)), wds.map(note_digest),
+                  wds.map(decode_sample, handler=log_and_continue), wds.rename(image=IMAGE_KEYS, text="txt"),
                   wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
-                  wds.to_tuple("__url__", "__key__", "image", "text")]
+                  wds.to_tuple("__url__", "__key__", DIGEST_KEY, "image", "text")]
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, tarfile_to_samples_nothrow, *stages,
                                 wds.batched(batch_size, partial=True))
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=min(workers, len(urls)))
@@ -385,7 +465,7 @@ def _start(out_dir, device):
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if os.path.exists(os.path.join(out_dir, MANIFEST)):
-        raise ValueError(f"cache-teacher: {out_dir} already holds a complete cache; delete it or choose another --out")
+        raise CacheError(f"cache-teacher: {out_dir} already holds a complete cache; delete it or choose another --out")
     os.makedirs(os.path.join(out_dir, SHARD_DIR), exist_ok=True)
     return rank, world, device
 
@@ -404,7 +484,7 @@ def _claim(out_dir, build, rank, world):
             begun = json.load(f)
         differs = [k for k in build if begun.get(k) != build[k]]
         if differs:
-            raise ValueError(f"cache-teacher: {out_dir} holds an unfinished build with another {differs[0]} "
+            raise CacheError(f"cache-teacher: {out_dir} holds an unfinished build with another {differs[0]} "
                              f"(its shard files would not match); delete it, or choose another --out")
     elif rank == 0:
         with open(path + ".tmp", "w") as f:
@@ -426,28 +506,32 @@ def _embed_shards(out_dir, urls, files, loader, forward, names, dtype, workers, 
     for start in range(0, len(todo), step):
         group = todo[start:start + step]
         keys = {u: [] for u, _ in group}
+        digests = {u: [] for u, _ in group}
         feats = {u: {n: [] for n in names} for u, _ in group}
-        for batch_urls, batch_keys, *tensors in loader([u for u, _ in group]):
+        for batch_urls, batch_keys, batch_digests, *tensors in loader([u for u, _ in group]):
             out = {n: t.float().cpu() for n, t in forward(*tensors).items()}
             for i, (u, k) in enumerate(zip(batch_urls, batch_keys)):
                 keys[u].append(k)
+                digests[u].append(batch_digests[i])
                 for n in names:
                     feats[u][n].append(out[n][i])
         for u, f in group:
             dup = [k for k, c in Counter(keys[u]).items() if c > 1]
             if dup:
-                raise ValueError(f"cache-teacher: sample key {dup[0]!r} occurs more than once in shard {u} "
+                raise CacheError(f"cache-teacher: sample key {dup[0]!r} occurs more than once in shard {u} "
                                  f"({len(dup)} such keys); keys must be unique within a shard")
             rows = {n: torch.stack(v).to(DTYPES[dtype]) if v else torch.empty(0, 0, dtype=DTYPES[dtype])
                     for n, v in feats[u].items()}
-            _save_atomic({"keys": keys[u], **rows}, os.path.join(out_dir, f))
+            digest_rows = torch.frombuffer(bytearray(b"".join(digests[u])), dtype=torch.uint8)
+            _save_atomic({"keys": keys[u], "digests": digest_rows.reshape(-1, DIGEST_BYTES), **rows},
+                         os.path.join(out_dir, f))
 
 
 def _build(out_dir, kind, record, dtype, urls, rank, world, loader, forward, workers):
     """Claim the folder, embed this rank's shards (round-robin), then rank 0 writes the manifest (last)."""
     names = KINDS[kind]["features"]
     if dtype not in DTYPES:
-        raise ValueError(f"cache-teacher --cache-dtype {dtype!r}: give one of {', '.join(DTYPES)}")
+        raise CacheError(f"cache-teacher --cache-dtype {dtype!r}: give one of {', '.join(DTYPES)}")
     files = shard_file_names(urls)
     _claim(out_dir, {"format": FORMAT_VERSION, "kind": kind, "provenance": record, "dtype": dtype, "shards": urls},
            rank, world)
@@ -458,7 +542,7 @@ def _build(out_dir, kind, record, dtype, urls, rank, world, loader, forward, wor
         torch.distributed.barrier()
     manifest = None
     if rank == 0:
-        counts, dims = [], {}
+        counts, dims, checksums, data_digests = [], {}, [], []
         for f in files:
             shard = ShardRows(os.path.join(out_dir, f), names,
                               lambda p, e: f"cache-teacher: {p} does not load ({type(e).__name__}); delete it and "
@@ -466,8 +550,11 @@ def _build(out_dir, kind, record, dtype, urls, rank, world, loader, forward, wor
             counts.append(len(shard))
             if len(shard):
                 dims = {n: shard.features[n].shape[1] for n in names}
+            checksums.append(sha256_of_file(os.path.join(out_dir, f)))
+            data_digests.append(shard_data_digest(shard.digests))
         manifest = {"format": FORMAT_VERSION, "kind": kind, "provenance": record, "dtype": dtype, "dims": dims,
-                    "shards": urls, "files": files, "counts": counts, "samples": sum(counts)}
+                    "shards": urls, "files": files, "counts": counts, "samples": sum(counts),
+                    "checksums": checksums, "data_digests": data_digests}
         with open(os.path.join(out_dir, MANIFEST) + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(os.path.join(out_dir, MANIFEST) + ".tmp", os.path.join(out_dir, MANIFEST))
@@ -518,7 +605,7 @@ def target_shards(train_data):
     urls, _ = expand_urls(train_data)
     missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
-        raise ValueError(f"--train-data {train_data!r}: shard {missing[0]} not found ({len(missing)} of {len(urls)} "
+        raise CacheError(f"--train-data {train_data!r}: shard {missing[0]} not found ({len(missing)} of {len(urls)} "
                          f"missing)")
     return urls
 
@@ -599,12 +686,12 @@ def run_cli(a):
     kernel_flags = [f for f in ("kernel_teacher", "kernel_teacher_pretrained", "kernel_teacher_image_size")
                     if getattr(a, f) is not None]
     if bool(a.ref_data) == bool(a.train_data):
-        raise ValueError("give --ref-data (the frozen model's embeddings of reference pairs, for --ref-teacher-cache) "
+        raise CacheError("give --ref-data (the frozen model's embeddings of reference pairs, for --ref-teacher-cache) "
                          "or --train-data with --kernel-teacher (the kernel teacher's features of target images, for "
                          "--kernel-teacher-cache), exactly one of them")
     if a.ref_data:
         if kernel_flags:
-            raise ValueError(f"--{kernel_flags[0].replace('_', '-')} is for a kernel-teacher cache over --train-data, "
+            raise CacheError(f"--{kernel_flags[0].replace('_', '-')} is for a kernel-teacher cache over --train-data, "
                              f"not for --ref-data")
         manifest = build_cache(a.model, a.ref_data, a.out, a.pretrained, a.precision, a.batch_size, a.workers,
                                a.device, a.seed, a.force_quick_gelu, a.force_image_size, a.force_context_length,
@@ -612,7 +699,7 @@ def run_cli(a):
                                a.diff_precision, a.cache_dtype)
     else:
         if not a.kernel_teacher or not a.kernel_teacher_pretrained:
-            raise ValueError("--train-data caches the kernel teacher's features: give --kernel-teacher and "
+            raise CacheError("--train-data caches the kernel teacher's features: give --kernel-teacher and "
                              "--kernel-teacher-pretrained (and --kernel-teacher-image-size) as in training")
         manifest = build_kernel_teacher_cache(
             a.kernel_teacher, a.kernel_teacher_pretrained, a.train_data, a.out, a.model, a.pretrained,

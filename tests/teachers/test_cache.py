@@ -1,4 +1,5 @@
 """The teacher cache: cached frozen embeddings give the same training losses; a stale cache is refused."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def test_one_file_per_data_shard_holds_that_shards_keys_in_order(cache_dir):
     manifest = TeacherCache(cache_dir).manifest
     assert sorted(os.listdir(cache_dir)) == ["build.json", "manifest.json", "shards"]
     assert manifest["files"] == [f"shards/{i:05d}-{i:06d}.tar.pt" for i in range(3)]
-    assert manifest["counts"] == [16, 16, 16] and manifest["dtype"] == "fp32" and manifest["format"] == 2
+    assert manifest["counts"] == [16, 16, 16] and manifest["dtype"] == "fp32" and manifest["format"] == 3
     for url, name in zip(manifest["shards"], manifest["files"]):
         with tarfile.open(url) as tar:
             want = [key for key, _ in tar_samples(tar)]
@@ -186,6 +187,18 @@ def test_one_file_per_data_shard_holds_that_shards_keys_in_order(cache_dir):
         assert stored["keys"] == want
         assert stored["image_features"].shape == (16, manifest["dims"]["image_features"])
         assert stored["image_features"].dtype == torch.float32
+        # each row's content digest: sha256 over key, image bytes and caption bytes, truncated to 16 bytes
+        with tarfile.open(url) as tar:
+            key, members = next(tar_samples(tar))
+            raw = {ext: tar.extractfile(members[ext]).read() for ext in ("png", "txt")}
+        h = hashlib.sha256(key.encode())
+        for ext in ("png", "txt"):
+            h.update(f"|{ext}:{len(raw[ext])}|".encode() + raw[ext])
+        assert stored["digests"].dtype == torch.uint8 and stored["digests"].shape == (16, 16)
+        assert stored["digests"][0].numpy().tobytes() == h.digest()[:16]
+        assert manifest["data_digests"][int(key) // 16] == hashlib.sha256(stored["digests"].numpy().tobytes()).hexdigest()
+        path = os.path.join(cache_dir, name)
+        assert manifest["checksums"][manifest["files"].index(name)] == hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def test_reference_stream_opens_only_its_shards_file_and_delivers_the_teachers_rows(cache_dir, tiny_model_dir,

@@ -38,7 +38,8 @@ def one_shard_cache(tmp_path, fmt=teacher_cache.FORMAT_VERSION):
     """A manifest over one data shard /data/000000.tar, with its file name: (cache, the file's path)."""
     manifest = {"format": fmt, "kind": "reference", "provenance": {}, "dtype": "fp32",
                 "dims": {"image_features": 4, "text_features": 4}, "shards": ["/data/000000.tar"],
-                "files": ["shards/00000-000000.tar.pt"], "counts": [2], "samples": 2}
+                "files": ["shards/00000-000000.tar.pt"], "counts": [2], "samples": 2, "checksums": ["0" * 64],
+                "data_digests": ["0" * 64]}
     (tmp_path / teacher_cache.MANIFEST).write_text(json.dumps(manifest))
     (tmp_path / "shards").mkdir()
     return tmp_path / "shards" / "00000-000000.tar.pt"
@@ -50,7 +51,8 @@ def test_damaged_shard_file_is_one_error_before_training_and_in_the_loader(tmp_p
     if damage == "random":
         path.write_bytes(os.urandom(2048))
     else:
-        torch.save({"keys": ["a", "b"], "image_features": torch.ones(2, 4), "text_features": torch.ones(2, 4)}, path)
+        torch.save({"keys": ["a", "b"], "digests": torch.zeros(2, 16, dtype=torch.uint8),
+                    "image_features": torch.ones(2, 4), "text_features": torch.ones(2, 4)}, path)
         path.write_bytes(path.read_bytes()[:-100])
     cache = teacher_cache.TeacherCache(str(tmp_path))  # opening reads the manifest only
     message = (rf"--ref-teacher-cache {tmp_path}: shard file {path} does not load \(\w+\); the cache is damaged: "
@@ -58,7 +60,10 @@ def test_damaged_shard_file_is_one_error_before_training_and_in_the_loader(tmp_p
     with pytest.raises(ValueError, match=message):
         cache.check({}, ["/elsewhere/000000.tar"])  # what training checks, before step 1
     with pytest.raises(ValueError, match=message):
-        cache.lookup("/data/000000.tar", ["a"])  # what a loader worker meets
+        teacher_cache.ShardRows(str(path), cache.features, cache._damaged)  # what a loader worker meets
+    with pytest.raises(ValueError, match=rf"cache file {path} \(of --ref-data shard /data/000000.tar\) does not match "
+                                         rf"its recorded checksum: it changed on disk since the build; rebuild"):
+        cache.lookup("/data/000000.tar", ["a"])  # the checksum is checked first
 
 
 def test_missing_shard_file_and_old_format_are_refused_on_opening(tmp_path):
@@ -68,5 +73,10 @@ def test_missing_shard_file_and_old_format_are_refused_on_opening(tmp_path):
     (tmp_path / "old").mkdir()
     one_shard_cache(tmp_path / "old", fmt=1)
     with pytest.raises(ValueError, match=r"cache format 1 \(one part per build rank, before per-shard files\), this "
-                                         r"version reads format 2; rebuild it into a new folder with"):
+                                         r"version reads format 3; rebuild it into a new folder with"):
         teacher_cache.TeacherCache(str(tmp_path / "old"))
+    (tmp_path / "v2").mkdir()
+    one_shard_cache(tmp_path / "v2", fmt=2)
+    with pytest.raises(ValueError, match=r"cache format 2 \(no content digests, before format 3\), this version reads "
+                                         r"format 3; rebuild it into a new folder with `openclip-robust cache-teacher"):
+        teacher_cache.TeacherCache(str(tmp_path / "v2"))
