@@ -120,28 +120,34 @@ class Share:
         rank, world = rank_and_world()
         self.name, self.items, dropped = name, [], []
         self.pad = None  # a readable sample for a rank whose share ran out (fewer samples than ranks)
-        count = 0
-        for i, (key, read_image, read_target) in enumerate(records):
-            if limit is not None and i >= limit:
-                break
-            count = i + 1
-            if i % world != rank and (self.pad is not None or i >= world):
-                continue
-            try:
-                image = read_image()
-                decodes(image, preprocess)
-                item = (i, image, parse_target(read_target()))
-            except Exception as e:  # a sample that cannot be read is left out of every pass
+        count, error = 0, None
+        try:
+            for i, (key, read_image, read_target) in enumerate(records):
+                if limit is not None and i >= limit:
+                    break
+                count = i + 1
+                if i % world != rank and (self.pad is not None or i >= world):
+                    continue
+                try:
+                    image = read_image()
+                    decodes(image, preprocess)
+                    item = (i, image, parse_target(read_target()))
+                except Exception as e:  # a sample that cannot be read is left out of every pass
+                    if i % world == rank:
+                        dropped.append(f"{key} ({type(e).__name__}: {e})")
+                    continue
+                self.pad = self.pad or item
                 if i % world == rank:
-                    dropped.append(f"{key} ({type(e).__name__}: {e})")
-                continue
-            self.pad = self.pad or item
-            if i % world == rank:
-                self.items.append(item)
-        sizes = all_gather_objects((len(self.items), dropped))
-        self.max_share = max(n for n, _ in sizes)
-        self.total = sum(n for n, _ in sizes)
-        dropped = [d for _, ds in sizes for d in ds]
+                    self.items.append(item)
+        except Exception as e:  # a shard that cannot be opened: every rank hears of it below
+            error = f"{type(e).__name__}: {e}"
+        sizes = all_gather_objects((len(self.items), dropped, error))
+        errors = [f"rank {r}: {e}" if len(sizes) > 1 else e for r, (_, _, e) in enumerate(sizes) if e]
+        if errors:
+            raise RetentionError(f"{name}: " + " | ".join(errors))
+        self.max_share = max(n for n, _, _ in sizes)
+        self.total = sum(n for n, _, _ in sizes)
+        dropped = [d for _, ds, _ in sizes for d in ds]
         if dropped and rank == 0:
             logging.warning(f"openclip-robust: {name}: {len(dropped)} of {count} samples left out (unreadable), "
                             f"e.g. {dropped[0]}")

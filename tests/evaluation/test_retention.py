@@ -170,3 +170,27 @@ def test_a_suite_without_zero_shot_datasets_is_refused(tmp_path):
     path.write_text(json.dumps({"datasets": [{"name": "r", "role": "retrieval", "path": str(tmp_path)}]}))
     with pytest.raises(ValueError, match=r"--retention-suite .*suite.json: no dataset with role zeroshot or ood"):
         retention.validate_args(make_args(retention_suite=str(path)))
+
+
+def test_retention_flags_are_the_ones_a_plain_run_may_give(pairs):
+    from open_clip_train.params import parse_args
+    from open_clip_train.plugins import PluginManager
+    from openclip_robust.plugin import RobustPlugin
+
+    def parse(*argv):
+        return parse_args(["--train-data", "x.tar", *argv], PluginManager({"robust": RobustPlugin()}))
+
+    assert parse("--retention-data", pairs, "--retention-frequency", "2").retention_frequency == 2
+    with pytest.raises(SystemExit):
+        parse("--retention-data", pairs, "--dive-lambda", "5")  # other plugin flags still need --robust-loss
+
+
+def test_a_shard_that_cannot_be_opened_is_an_error_naming_the_flag(tmp_path, pairs):
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar archive" * 100)
+    args = make_args(retention_data=pairs)
+    m = retention.RetentionMonitor()
+    m.validate_args(args)
+    m.urls = [broken]  # passed the check of its first sample, then became unreadable
+    with pytest.raises(retention.RetentionError, match=r"--retention-data: ReadError"):
+        m.setup(args, preprocess, tokenizer)
