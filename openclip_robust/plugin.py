@@ -105,7 +105,7 @@ class RobustPlugin:
         precise.add_args(group)
         guards.add_args(group)
         probe.add_args(group)
-        retention.add_args(group)
+        retention.add_args(parser)
         self._owners = flags.add_method_args(group)
         self._actions = list(group._group_actions)
         self._defaults = {a.dest: a.default for a in parser._actions if a.dest not in before}

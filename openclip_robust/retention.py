@@ -42,7 +42,10 @@ class RetentionError(RuntimeError):
     pass
 
 
-def add_args(group):
+def add_args(parser):
+    """The flags, in their own group: the only plugin flags a run without --robust-loss may give."""
+    group = parser.add_argument_group("openclip-robust retention", "retention metrics logged by upstream's evaluation "
+                                      "(any run, with or without --robust-loss); see docs/retention.md")
     group.add_argument("--retention-data", type=str, default=None, metavar="SHARDS",
                        help="held-out image-caption webdataset shards: log the RSA (image, text, joint) of the model "
                             "against the pre-trained one, mean |u|, |v| and retrieval R@1/R@5 of both, under "

@@ -12,7 +12,7 @@ from openclip_robust.losses import loss_names
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "openclip_robust" / "docs").glob("*.md"))
-MAX_README_LINES = 300
+MAX_README_LINES = 310  # 300 until the retention section (issue 32) and its hook row
 
 spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "scripts" / "readme_tables.py")
 tables = importlib.util.module_from_spec(spec)
