@@ -8,7 +8,9 @@ synthetic images (per-class images, 80 OpenAI templates, the suite default). Mea
   * setup (reading and decoding-checking the samples once), the pre-trained side, one evaluation: seconds,
     and the peak resident memory each adds (VmHWM after resetting it through /proc/self/clear_refs);
   * an epoch of the miniature's DiVE fine-tune (30 steps x 32, --ref-batch-size 32) through upstream's main:
-    the sum of its logged step times (startup excluded).
+    the sum of its logged step times (startup excluded), and the CPU seconds of the whole run (startup included).
+One torch thread and in-process data loading, so the CPU seconds compare compute whatever else the machine runs
+(a shared machine inflates the wall seconds of both).
 Prints one JSON object (and writes it to OUT/retention_cost.json).
 """
 import argparse
@@ -50,11 +52,13 @@ def vm(field):
 
 
 def timed(fn):
+    """(result, wall s, CPU s of this process, peak MB above the RSS before)."""
     rss_peak_reset()
     base = vm("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return out, round(time.perf_counter() - start, 2), round((vm("VmHWM") - base) / 2 ** 20, 1)
+    return (out, round(time.perf_counter() - start, 2), round(time.process_time() - cpu, 2),
+            round((vm("VmHWM") - base) / 2 ** 20, 1))
 
 
 def png(rng, size=64):
@@ -71,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_flush_denormal(True)
+    torch.set_num_threads(1)  # CPU seconds = compute, whatever else the machine runs
     torch.manual_seed(0)
     out = Path(a.out or tempfile.mkdtemp(prefix="retention_cost_"))
     model_dir = out / "model"
@@ -90,31 +95,34 @@ def main(argv=None):
                      device="cpu", rank=0, resume=None, epochs=1, accum_freq=1)
     monitor = retention.RetentionMonitor()
     monitor.validate_args(args)
-    _, setup_s, setup_mb = timed(lambda: monitor.setup(args, preprocess, tokenizer))
-    _, pre_s, pre_mb = timed(lambda: monitor.ensure_pretrained(args, model, frozen=None))
+    _, setup_s, setup_cpu, setup_mb = timed(lambda: monitor.setup(args, preprocess, tokenizer))
+    _, pre_s, pre_cpu, pre_mb = timed(lambda: monitor.ensure_pretrained(args, model, frozen=None))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1e-3 * torch.randn_like(p))
-    values, eval_s, eval_mb = timed(lambda: monitor.evaluate(args, model, {}, epoch=1))
+    values, eval_s, eval_cpu, eval_mb = timed(lambda: monitor.evaluate(args, model, {}, epoch=1))
 
     steps, batch = 30, 32  # the miniature's fine-tune: one epoch of 30 steps x 32 (Config.steps, batch_size)
     target = write_samples(str(out / "target"), [{"png": png(rng), "txt": f"a photo of class {i % 10}."}
                                                  for i in range(steps * batch)], 320)["shards"]
     argv = ["--model", f"local-dir:{model_dir}", "--train-data", "::".join(target), "--dataset-type", "webdataset",
             "--train-num-samples", str(steps * batch), "--batch-size", str(batch), "--epochs", "1", "--lr", "3e-4",
-            "--warmup", "5", "--workers", "1", "--log-every-n-steps", "1", "--precision", "fp32",
+            "--warmup", "5", "--workers", "0", "--log-every-n-steps", "1", "--precision", "fp32",
             "--logs", str(out / "logs"), "--name", f"epoch-{int(time.time())}", "--save-frequency", "0",
             "--robust-loss", "dive", "--ref-data", "::".join(pairs), "--ref-batch-size", str(batch),
             "--dive-lambda", "10"]
-    assert run_main(argv) is None
+    _, _, run_cpu, _ = timed(lambda: run_main(argv))  # one thread, data loaded in-process (--workers 0)
     log = (out / "logs" / argv[argv.index("--name") + 1] / "out.log").read_text()
     step_times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", log)]
     epoch_s = round(sum(step_times), 1)
     report = {"pairs": monitor.pairs.total, "classes": a.classes, "suite_images": a.classes * a.per_class,
               "templates": len(monitor.suite[0][2]), "torch_threads": torch.get_num_threads(),
-              "setup_s": setup_s, "setup_peak_mb": setup_mb, "pretrained_side_s": pre_s, "pretrained_peak_mb": pre_mb,
-              "evaluation_s": eval_s, "evaluation_peak_mb": eval_mb, "epoch_steps": len(step_times),
-              "epoch_s": epoch_s, "evaluation_share_of_epoch": round(eval_s / epoch_s, 3),
+              "setup_s": setup_s, "setup_cpu_s": setup_cpu, "setup_peak_mb": setup_mb,
+              "pretrained_side_s": pre_s, "pretrained_side_cpu_s": pre_cpu, "pretrained_peak_mb": pre_mb,
+              "evaluation_s": eval_s, "evaluation_cpu_s": eval_cpu, "evaluation_peak_mb": eval_mb,
+              "epoch_steps": len(step_times), "epoch_s": epoch_s, "run_cpu_s": run_cpu,
+              "evaluation_share_of_epoch_cpu": round(eval_cpu / run_cpu, 3),
+              "evaluation_share_of_epoch_wall": round(eval_s / epoch_s, 3),
               "rsa_joint_after_1e-3_noise": round(values["retention/rsa_joint"], 4)}
     (out / "retention_cost.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
