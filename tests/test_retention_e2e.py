@@ -166,3 +166,41 @@ def test_two_ranks_agree_with_one(tmp_path, tiny_model_dir, target_shards, ref_s
     assert two["zeroshot"] == pytest.approx(one["zeroshot"]) and two["recalls"] == pytest.approx(one["recalls"])
     (row,) = results(tmp_path, "ddp")
     assert 0 < row["retention/rsa_joint"] <= 1
+
+
+@pytest.fixture(scope="module")
+def classed_target(tmp_path_factory):
+    """digit shards with classnames.txt beside them, as prompt learning reads them."""
+    from openclip_robust.data.shards import write_samples
+    from openclip_robust.demo.samples import digits_samples
+    root = tmp_path_factory.mktemp("classed")
+    shards = write_samples(str(root), digits_samples(64), 32)["shards"]
+    (root / "classnames.txt").write_text("".join(n + "\n" for n in DIGITS))
+    return shards
+
+
+@pytest.mark.parametrize("method", ["flyp", "replay", "snd", "kernel", "contcoop"])
+def test_every_method_measures_retention(tmp_path, tiny_model_dir, target_shards, classed_target, ref_shards,
+                                         teacher_file, method):
+    """One epoch per method with retention on 12 pairs: the pre-trained side comes from the frozen copy where the
+    method keeps one (snd, kernel), else from the model before step 1; prompt learning leaves the model as it is,
+    so its RSA is 1 and ‖u‖ = ‖v‖ = 0 (the prompt lives outside the model)."""
+    flags = {"flyp": [], "replay": ["--ref-data", ref_shards, "--ref-batch-size", "8"],
+             "snd": ["--ref-data", ref_shards, "--ref-batch-size", "8"],
+             "kernel": ["--kernel-teacher", "test_vit", "--kernel-teacher-pretrained", teacher_file,
+                        "--kernel-teacher-image-size", "32"],
+             "contcoop": ["--prompt-shots", "2", "--prompt-n-ctx", "4", "--precision", "fp32"]}[method]
+    target = classed_target if method == "contcoop" else target_shards
+    argv = train_args(tmp_path, method, tiny_model_dir, target, "--robust-loss", method, *flags,
+                      "--retention-data", ref_shards, "--retention-samples", "12", epochs=1,
+                      **({"batch": 8, "samples": 20} if method == "contcoop" else {}))
+    assert run_main(argv) is None
+    (row,) = results(tmp_path, method)
+    log = (tmp_path / "logs" / method / "out.log").read_text()
+    frozen = method in ("snd", "kernel")
+    assert ("embedded from the frozen model" in log) == frozen
+    assert ("embedded from the model before its first step" in log) == (not frozen)
+    if method == "contcoop":
+        assert row["retention/rsa_joint"] == pytest.approx(1) and row["retention/u_norm"] < 1e-6
+    else:
+        assert 0 < row["retention/rsa_joint"] < 1 and row["retention/u_norm"] > 0

@@ -61,6 +61,10 @@ def test_plain_and_dive_runs_log_retention_to_results_and_tensorboard(tmp_path, 
     tb = {(n, s): v for n, v, s in map(json.loads, (plain.out / "tensorboard_rank0.jsonl").read_text().splitlines())}
     assert tb[("val/retention/rsa_image", 2)] == rows[1]["retention/rsa_image"]
     assert plain.ckpt(2)["plugins"]["robust"]["retention"]["image"].shape == (20, 32)
+    assert (plain.out / "evaluate_calls_rank0.txt").read_text().split() == ["1", "2"]
+    bare = run(tmp_path, "bare", train_args(logs, "bare", tiny_model_dir, target_shards, "--report-to", "tensorboard"))
+    assert not (bare.out / "evaluate_calls_rank0.txt").exists()  # no metrics: evaluate() only where upstream runs it
+    assert not (bare.dir / "checkpoints" / "results.jsonl").exists()
     d = run(tmp_path, "dive", train_args(logs, "dive", tiny_model_dir, target_shards, *dive(ref_shards),
                                          *retention(ref_shards, suite)))
     assert d.record()["task"] == "RobustTask" and 0 < results(d)[0]["retention/rsa_joint"] < 1
