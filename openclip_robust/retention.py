@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import tarfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from openclip_robust import precise
 from openclip_robust.checks import flag, require
 from openclip_robust.data.reference import readable_shards
-from openclip_robust.data.shard_format import IMAGE_EXTS, tar_samples
+from openclip_robust.data.shard_format import IMAGE_EXTS, is_local, tar_samples
 from openclip_robust.distributed import all_gather_objects, is_distributed, rank_and_world
 from openclip_robust.evaluation import retention as metrics
 from openclip_robust.evaluation.suite import load_suite, resolve_dataset
@@ -89,7 +90,12 @@ def validate_args(args):
     if args.retention_suite:
         suite_datasets(args.retention_suite)
     if args.retention_data:
-        return readable_shards(args.retention_data, flag="--retention-data")[0]
+        urls = readable_shards(args.retention_data, flag="--retention-data")[0]
+        remote = [u for u in urls if not is_local(u)]
+        if remote:  # read once, before step 1, into memory: a local copy of N pairs is small
+            raise ValueError(f"--retention-data {remote[0]}: give local shard files (the N pairs are read once, "
+                             f"before step 1); copy them from remote storage first")
+        return urls
     return None
 
 
@@ -108,7 +114,7 @@ def wds_records(urls, target_ext):
 
 def folder_records(items):
     for path, label in items:
-        yield str(path), (lambda p=path: open(p, "rb").read()), (lambda label=label: label)
+        yield str(path), (lambda p=path: Path(p).read_bytes()), (lambda label=label: label)
 
 
 def decodes(data, preprocess):

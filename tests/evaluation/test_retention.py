@@ -157,6 +157,7 @@ def test_the_cached_side_is_restored_only_for_the_same_settings(pairs):
     (dict(retention_data="/nowhere/{0..1}.tar"), r"--retention-data '/nowhere/\{0..1\}.tar': no readable shard"),
     (dict(retention_suite="/nowhere/suite.json"), r"--retention-suite /nowhere/suite.json: .*No such file"),
     (dict(retention_samples=5), r"--retention-samples given without --retention-data or --retention-suite"),
+    (dict(retention_data="s3://bucket/{0..1}.tar"), r"--retention-data s3://bucket/0.tar: give local shard files"),
     (dict(retention_frequency=0, retention_suite="S"), r"--retention-frequency 0: must be >= 1"),
     (dict(retention_samples=2, retention_suite="S"), r"--retention-samples 2: must be >= 3"),
 ])
