@@ -1,6 +1,7 @@
 """The open_clip_train plugin (entry point ``open_clip_train.plugins: robust``).
 
-Every hook is a no-op unless ``--robust-loss`` is given, so plain upstream runs are unchanged.
+Every hook is a no-op unless ``--robust-loss`` is given, so plain upstream runs are unchanged; the one exception
+is ``--retention-*`` (retention.py), which any run may add to have its drift from the pre-trained model logged.
 The hook spec lives upstream, in the patched ``open_clip_train/plugins.py``.
 """
 import contextlib
@@ -252,7 +253,8 @@ class RobustPlugin:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self):
-        state = {"retention": self.retention.state_dict()} if self.retention.state_dict() else {}
+        retained = self.retention.state_dict()  # the pre-trained side of --retention-*, also without a method
+        state = {"retention": retained} if retained else {}
         if self.loss is not None:
             state.update({"loss": self.loss.state_dict(), resume.RECORD_KEY: self.record})
         return state
