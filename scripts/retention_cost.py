@@ -105,11 +105,13 @@ def main(argv=None):
     steps, batch = 30, 32  # the miniature's fine-tune: one epoch of 30 steps x 32 (Config.steps, batch_size)
     target = write_samples(str(out / "target"), [{"png": png(rng), "txt": f"a photo of class {i % 10}."}
                                                  for i in range(steps * batch)], 320)["shards"]
-    argv = ["--model", f"local-dir:{model_dir}", "--train-data", "::".join(target), "--dataset-type", "webdataset",
+    print(json.dumps({"evaluation_s": eval_s, "evaluation_cpu_s": eval_cpu, "evaluation_peak_mb": eval_mb,
+                      "pretrained_side_cpu_s": pre_cpu, "setup_cpu_s": setup_cpu}), flush=True)
+    argv = ["--model", f"local-dir:{model_dir}", "--train-data", target, "--dataset-type", "webdataset",
             "--train-num-samples", str(steps * batch), "--batch-size", str(batch), "--epochs", "1", "--lr", "3e-4",
             "--warmup", "5", "--workers", "0", "--log-every-n-steps", "1", "--precision", "fp32",
             "--logs", str(out / "logs"), "--name", f"epoch-{int(time.time())}", "--save-frequency", "0",
-            "--robust-loss", "dive", "--ref-data", "::".join(pairs), "--ref-batch-size", str(batch),
+            "--robust-loss", "dive", "--ref-data", pairs, "--ref-batch-size", str(batch),
             "--dive-lambda", "10"]
     _, _, run_cpu, _ = timed(lambda: run_main(argv))  # one thread, data loaded in-process (--workers 0)
     log = (out / "logs" / argv[argv.index("--name") + 1] / "out.log").read_text()
