@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _runs(specs, model, pretrained):
@@ -114,19 +115,31 @@ def _eval_run(a):
 
 
 def _report_args(p):
-    p.add_argument("results", nargs="+", help="results.json files (runs are merged)")
+    p.add_argument("results", nargs="+",
+                   help="results.json files (runs are merged); training logs LOGS/NAME/checkpoints/results.jsonl "
+                        "of runs with --retention-* (or NAME=FILE) are plotted as retention curves (STEM_retention.png)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--rsa", help="RSA JSON ({run name or method: scores})")
     p.add_argument("--stem", default="report", help="output file stem")
 
 
 def _report_run(a):
-    from openclip_robust.evaluation import report
-    res = report.load_results(a.results)
-    if a.rsa:
-        report.attach_rsa(res, a.rsa)
-    _print(report.write_report(res, a.out, a.stem))
-    print(report.markdown_table(res))
+    from openclip_robust.evaluation import report, retention_plot
+    logs = [r for r in a.results if r.endswith(".jsonl")]
+    tables = [r for r in a.results if r not in logs]
+    if logs:
+        named = [log.split("=", 1) if "=" in log else (retention_plot.run_name(log), log) for log in logs]
+        runs = {name: retention_plot.read_log(path) for name, path in named}
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        retention_plot.plot_curves(runs, Path(a.out) / f"{a.stem}_retention.png")
+        print(f"wrote {Path(a.out) / f'{a.stem}_retention.png'}")
+        print(retention_plot.last_values(runs))
+    if tables:
+        res = report.load_results(tables)
+        if a.rsa:
+            report.attach_rsa(res, a.rsa)
+        _print(report.write_report(res, a.out, a.stem))
+        print(report.markdown_table(res))
 
 
 # -- rsa -------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The open_clip_train plugin (entry point ``open_clip_train.plugins: robust``).
 
-Every hook is a no-op unless ``--robust-loss`` is given, so plain upstream runs are unchanged.
+Every hook is a no-op unless ``--robust-loss`` is given, so plain upstream runs are unchanged; the one exception
+is ``--retention-*`` (retention.py), which any run may add to have its drift from the pre-trained model logged.
 The hook spec lives upstream, in the patched ``open_clip_train/plugins.py``.
 """
 import contextlib
@@ -13,7 +14,7 @@ from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master, is_using_distributed
 from open_clip_train.precision import get_autocast
 
-from openclip_robust import flags, guards, resume, rng_state
+from openclip_robust import flags, guards, resume, retention, rng_state
 from openclip_robust.errors import install_excepthook
 from openclip_robust.storage import bounded
 from openclip_robust.teachers.frozen import check_upstream_bn_freeze, exact_half_dtype, freeze_bn_stats, frozen_copy
@@ -69,6 +70,8 @@ class RobustPlugin:
         self.teacher_cache = None   # --ref-teacher-cache: TeacherCache
         self.weights_hash = None    # of the model as loaded, checked against the cache's record
         self._defaults = {}
+        self.retention = retention.RetentionMonitor()  # --retention-*: with or without --robust-loss
+        self._frozen_exact = True  # the frozen copy holds the weights as loaded (not rounded to half)
         self._owners, self._actions = {}, []  # method name -> the flags it added; the plugin's flags
 
     # -- arguments -------------------------------------------------------------------------------
@@ -107,13 +110,16 @@ class RobustPlugin:
         precise.add_args(group)
         guards.add_args(group)
         probe.add_args(group)
+        retention.add_args(parser)
         self._owners = flags.add_method_args(group)
         self._actions = list(group._group_actions)
         self._defaults = {a.dest: a.default for a in parser._actions if a.dest not in before}
 
     def validate_args(self, args):
-        if args.robust_loss is None:
-            changed = [f"--{d.replace('_', '-')}" for d, v in self._defaults.items() if getattr(args, d) != v]
+        self.retention.validate_args(args)
+        if args.robust_loss is None:  # retention metrics are the one thing a plain upstream run may ask for
+            changed = [f"--{d.replace('_', '-')}" for d, v in self._defaults.items()
+                       if getattr(args, d) != v and d not in retention.DESTS]
             if changed:
                 raise ValueError(f"{', '.join(changed)} given without --robust-loss: "
                                  f"add --robust-loss {{{','.join(loss_names())}}} or drop them")
@@ -177,6 +183,7 @@ class RobustPlugin:
         if self.method.needs_frozen and not (args.ref_teacher_cache and self.method.frozen_on_reference_only):
             half = exact_half_dtype(args.precision, args.diff_precision, getattr(args, "fsdp", False))
             self.frozen = frozen_copy(model, half)
+            self._frozen_exact = half is None
             if half is not None:
                 logging.info(f"openclip-robust: the frozen model's matmul weights are held in {half} (exact under "
                              f"--precision {args.precision} with --diff-precision autocast)")
@@ -191,6 +198,8 @@ class RobustPlugin:
         return self.loss
 
     def add_data(self, args, data, preprocess_fns, epoch, tokenizer):
+        if "train" in data:
+            self.retention.setup(args, preprocess_fns[1], tokenizer)
         if self.loss is None or "train" not in data:
             return
         if args.resume and not self._resumed_state:
@@ -215,6 +224,10 @@ class RobustPlugin:
 
     # -- training step ---------------------------------------------------------------------------
     def on_train_epoch_start(self, args, model, data, epoch):
+        # the pre-trained side of the retention metrics, before the first step: from a frozen copy holding the
+        # weights as loaded, else from the model itself (half-rounded frozen weights only when resumed)
+        exact = self.frozen is not None and (self._frozen_exact or args.resume)
+        self.retention.ensure_pretrained(args, model, self.frozen if exact else None)
         if self.loss is None:
             return
         if getattr(self, "_rng_at_epoch_start", None) is not None:  # the first epoch of a resumed run
@@ -256,15 +269,24 @@ class RobustPlugin:
             self.loss.on_optimizer_step()
             self.guard.on_optimizer_step(step)
 
+    def eval_metrics(self, args, model, data, epoch, tokenizer):
+        return self.retention.evaluate(args, model, data, epoch)
+
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self):
-        if self.loss is None:
-            return {}
-        # the generators' states at the end of the epoch (upstream saves on rank 0: its states; see rng_state)
-        return {"loss": self.loss.state_dict(), resume.RECORD_KEY: self.record,
-                "rng": {**rng_state.capture(), "rank": self.args.rank, "world_size": self.args.world_size}}
+        retained = self.retention.state_dict()  # the pre-trained side of --retention-*, also without a method
+        state = {"retention": retained} if retained else {}
+        if self.loss is not None:
+            # the generators' states at the end of the epoch (upstream saves on rank 0: its states; see rng_state)
+            state.update({"loss": self.loss.state_dict(), resume.RECORD_KEY: self.record,
+                          "rng": {**rng_state.capture(), "rank": self.args.rank, "world_size": self.args.world_size}})
+        return state
 
     def load_state_dict(self, state):
+        if "retention" in state:
+            self.retention.load_state_dict(state["retention"])
+        if "loss" not in state and resume.RECORD_KEY not in state:
+            return  # retention only: a run without --robust-loss wrote it (add_data refuses it for a method)
         if self.loss is None:
             logging.warning("--resume: the checkpoint holds openclip-robust loss state (e.g. DiVE's m) but "
                             "no --robust-loss is given: that state is dropped")

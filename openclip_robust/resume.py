@@ -94,7 +94,10 @@ def refuse_plain_train_checkpoint(path, method_name):
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # not mmap-able (legacy format) or not weights-only: upstream loaded it; nothing to compare
         return
-    if isinstance(checkpoint, dict) and "epoch" in checkpoint and "plugins" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
+        return
+    robust = (checkpoint.get("plugins") or {}).get("robust", {})
+    if "loss" not in robust and RECORD_KEY not in robust:  # no state, or retention's alone (plain runs write it)
         raise ResumeError(f"--resume {path}: the checkpoint was trained without --robust-loss, this run asks for "
                           f"--robust-loss {method_name}. {_fresh(path)}; to fine-tune its weights with "
                           f"{method_name}, give them as --pretrained in a new run.")

@@ -132,6 +132,10 @@ class RobustTaskPlugin:
     def on_optimizer_step(self, args, task, step):
         self._robust.on_optimizer_step(args=args, model=task, step=step)
 
+    def eval_metrics(self, args, task, data, epoch, tokenizer):
+        return self._robust.eval_metrics(args=args, model=task.trainable_module, data=data, epoch=epoch,
+                                         tokenizer=tokenizer)
+
     def state_dict(self):
         return self._robust.state_dict()
 

@@ -1,4 +1,6 @@
 """The results table's statistics: DiVE minus each baseline, paired by seed, against a hand computation."""
+import json
+
 import pytest
 
 from openclip_robust.evaluation import report
@@ -39,3 +41,28 @@ def test_the_table_shows_the_paired_differences_with_their_marks():
     table = report.markdown_table({"runs": RUNS})
     line = next(l for l in table.splitlines() if l.startswith("| dive − flyp |"))
     assert line == "| dive − flyp | 3 | -2.3 ± 1.5 | 14.3 ± 0.6* | 0.660 ± 0.095* |"
+
+
+def test_report_plots_retention_curves_from_training_logs(tmp_path, capsys):
+    """`openclip-robust report` reads any run's results.jsonl (upstream's evaluate() log): one line per run,
+    from (step 0, 1); a log without retention metrics is refused naming the file."""
+    from openclip_robust.__main__ import main as cli
+    from openclip_robust.evaluation import retention_plot
+    runs = {}
+    for name, drop in (("flyp", 0.2), ("dive", 0.05)):
+        log = tmp_path / "logs" / name / "checkpoints" / "results.jsonl"
+        log.parent.mkdir(parents=True)
+        rows = [{"retention/epoch": e, "retention/step": 10 * e, "retention/rsa_joint": 1 - drop * e,
+                 "retention/zeroshot_retained": 1 - drop * e / 2} for e in (2, 1)]  # out of order: sorted by step
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"clip_val_loss": 1.0}\n')
+        runs[name] = log
+    steps, values = zip(*retention_plot.curves(retention_plot.read_log(runs["dive"]))["retention/rsa_joint"])
+    assert steps == (0, 10, 20) and values == pytest.approx((1.0, 0.95, 0.9))
+    cli(["report", str(runs["flyp"]), f"DiVE={runs['dive']}", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert (tmp_path / "out" / "report_retention.png").stat().st_size > 1000
+    assert "| flyp | 20 | 0.600 | 0.800 |" in out and "| DiVE | 20 | 0.900 | 0.950 |" in out
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text('{"clip_val_loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"bare.jsonl: no retention/ metrics"):
+        retention_plot.read_log(bare)
