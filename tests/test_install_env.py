@@ -2,7 +2,7 @@
 torchvision 0.24.1, runs `python scripts/install.py --python ENV/bin/python --extras demo` once, then this file with
 OPENCLIP_SECOND_ENV=ENV/bin/python and OPENCLIP_SECOND_ENV_TORCH='<torch> <torchvision>' as they were before it).
 Skipped without those variables: it needs that environment (about 7 GB), which the suite does not build.
-Order matters: the last test breaks the environment's open_clip and repairs it."""
+Order matters: the last test leaves the environment's open_clip unpatched (.ci/run then deletes it)."""
 import math
 import os
 import re
@@ -84,9 +84,9 @@ def test_dive_end_to_end(tmp_path):
     assert state["_extra_state"]["steps"] == 8 and state["_extra_state"]["m"].norm() > 0
 
 
-def test_unpatched_reinstall_is_diagnosed_and_repaired(tmp_path):
-    """What a later `pip install -U open_clip_torch` does: doctor says so and names the fix; the fix works and
-    keeps torch."""
+def test_unpatched_reinstall_is_diagnosed(tmp_path):
+    """What a later `pip install -U open_clip_torch` does: upstream no longer knows --robust-loss, doctor says why
+    and names the fix (the installer's first run above is that fix: a missing marker is a digest mismatch)."""
     r = in_env("-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(SDIST), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = doctor(tmp_path)
@@ -95,8 +95,4 @@ def test_unpatched_reinstall_is_diagnosed_and_repaired(tmp_path):
     assert f"fix: python {ROOT / 'scripts' / 'install.py'} --python {PYTHON}" in r.stdout
     r = in_env("-m", "open_clip_train.main", "--robust-loss", "dive", cwd=tmp_path)
     assert r.returncode == 2 and "unrecognized arguments: --robust-loss dive" in r.stderr  # upstream's own answer
-    r = subprocess.run(INSTALL, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "open_clip_torch 3.3.0 patched (release line, patches/3.x" in r.stdout and "): installed" in r.stdout
-    assert doctor(tmp_path).returncode == 0
     assert torch_pair(tmp_path) == BEFORE
