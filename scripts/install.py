@@ -530,6 +530,8 @@ def main(argv=None):
                     help="the miniature's two pretrained-tower wheels, ~100 MB (default: only in the project's "
                          "venv; the miniature installs them when it runs)")
     a = ap.parse_args(argv)
+    # absolute, symlinks kept (a venv's python is a link out of it): the probes run from a scratch folder
+    a.python = os.path.abspath(a.python) if os.sep in str(a.python) else (shutil.which(a.python) or a.python)
     try:
         pins = read_pins()
         with tempfile.TemporaryDirectory() as tmp:

@@ -156,3 +156,14 @@ def test_the_wheel_records_the_checkout_and_every_line():
     assert release["digest"] == install.install_digest(pin, pin["sha256"])  # what set-up writes into the marker
     assert release["floor"] == ["torch>=2.9", "torchvision>=0.24"] and "numpy<2.4" in release["constraint"]
     assert fields["LINES"]["main"]["series"] == "main" and fields["LINES"]["main"]["digest"] != release["digest"]
+
+
+def test_a_relative_python_is_the_one_named(tmp_path, monkeypatch):
+    """setup.sh passes .venv/bin/python, relative to the checkout; the probes run elsewhere."""
+    python, _ = fake_env(tmp_path, {"torch": "2.8.0", "torchvision": "0.23.0"})
+    monkeypatch.chdir(tmp_path)
+    if not SDIST.exists():
+        pytest.skip(f"{SDIST} missing (bash scripts/setup.sh downloads it)")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "install.py"), "--python", "env/bin/python",
+                        "--sdist", str(SDIST)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and f"set-up error: --python {python}: torch 2.8.0" in r.stderr, r.stderr
