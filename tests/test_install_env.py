@@ -14,7 +14,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SDIST = ROOT / ".cache" / "upstream" / "open_clip_torch-3.3.0.tar.gz"
 PYTHON = os.environ.get("OPENCLIP_SECOND_ENV")
 BEFORE = os.environ.get("OPENCLIP_SECOND_ENV_TORCH", "").split()
 INSTALL = [sys.executable, str(ROOT / "scripts" / "install.py"), "--python", str(PYTHON), "--extras", "demo"]
@@ -87,7 +86,9 @@ def test_dive_end_to_end(tmp_path):
 def test_unpatched_reinstall_is_diagnosed(tmp_path):
     """What a later `pip install -U open_clip_torch` does: upstream no longer knows --robust-loss, doctor says why
     and names the fix (the installer's first run above is that fix: a missing marker is a digest mismatch)."""
-    r = in_env("-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(SDIST), cwd=tmp_path)
+    # PyPI's wheel of the pinned release (nothing to build), as `pip install -U` would put it
+    r = in_env("-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", "--only-binary", ":all:",
+               "open_clip_torch==3.3.0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = doctor(tmp_path)
     assert r.returncode == 1, r.stdout
