@@ -95,9 +95,13 @@ def test_doctor_open_clip_reinstalled_unpatched(tmp_path):
 
 
 def test_doctor_without_the_plugin(tmp_path):
-    """The checkout's package imports (run from the checkout), but nothing registers the entry point."""
+    """The checkout's package imports, but nothing registers the entry point. (Not run from the checkout itself: an
+    editable install leaves openclip_robust.egg-info there, which registers it for whoever has the checkout on
+    sys.path.)"""
     python = layered_env(tmp_path, lambda n: "openclip_robust" in n)
-    r = doctor(python, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "openclip_robust").symlink_to(ROOT / "openclip_robust")
+    r = doctor(python, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "src")})
     assert r.returncode == 1, r.stdout + r.stderr
     # upstream itself is fine ('warn': installed from an older patch series than this checkout's)
     assert re.search(r"^(ok  |warn) patched: line ", r.stdout, re.M), r.stdout
@@ -109,7 +113,7 @@ def test_doctor_without_the_plugin(tmp_path):
 def test_doctor_needs_no_torch_to_start(tmp_path):
     """Without torch it still reports (each check imports what it checks) instead of a traceback."""
     python = layered_env(tmp_path, lambda n: n == "torch" or n.startswith("torch-"))
-    r = doctor(python, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = doctor(python, env=without_pythonpath())
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     assert "FAIL torch is not installed" in r.stdout
