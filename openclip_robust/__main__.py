@@ -231,6 +231,17 @@ def _prompt_run(a):
     _print(result["datasets"]["average"])
 
 
+# -- doctor (openclip_robust/doctor.py) ---------------------------------------------------------------
+def _doctor_args(p):
+    from openclip_robust.doctor import add_args
+    add_args(p)
+
+
+def _doctor_run(a):
+    from openclip_robust.doctor import main
+    return main(a)
+
+
 COMMANDS = {
     "make-target-shards": ("write FLYP-style target shards (image, cls, txt) + metadata", _target_args, _target_run),
     "make-ref-shards": ("write reference image-caption shards + sizes.json", _ref_args, _ref_run),
@@ -246,7 +257,10 @@ COMMANDS = {
                         _prompt_args, _prompt_run),
     "demo-data": ("write the toolkit examples' inputs from embedded data (digits, photos, tiny model)",
                   _demo_args, _demo_run),
+    "doctor": ("can a --robust-loss run work here: patched open_clip, entry point, versions; what to run if not",
+               _doctor_args, _doctor_run),
 }
+LIGHT = {"doctor"}  # reports a broken torch or numpy itself: imports nothing up front
 
 
 def main(argv=None):
@@ -260,6 +274,8 @@ def main(argv=None):
             add_args(command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.command in LIGHT:
+        return COMMANDS[args.command][2](args) or 0
     import numpy  # here: as the commands' modules (see the module docstring)
     import torch
     for dtype in (numpy.float32, numpy.float64):  # numpy's float limits, computed before denormals flush to 0
