@@ -10,7 +10,6 @@ import logging
 import torch
 
 from open_clip import get_input_dtype
-from open_clip_train.data import get_dataset_fn
 from open_clip_train.distributed import is_master, is_using_distributed
 from open_clip_train.precision import get_autocast
 
@@ -25,20 +24,8 @@ from openclip_robust.data.run_probe import check_run_data
 from openclip_robust.data import probe
 from openclip_robust import precise
 from openclip_robust.losses import get_loss_class, loss_names
-from openclip_robust.data.shards import PromptRedrawTokenizer
+from openclip_robust.data.prompt_redraw import redraw_prompts
 from openclip_robust.teachers import cache as teacher_cache
-
-def redraw_prompts(args, data, preprocess_fns, epoch, tokenizer):
-    """Rebuild upstream's train loader with a tokenizer that redraws each caption's template."""
-    try:
-        redraw = PromptRedrawTokenizer.from_shards(tokenizer, args.train_data, seed=args.seed)
-    except (OSError, ValueError):
-        return  # no classnames.txt / templates.txt beside the data: captions are used as stored
-    data["train"] = get_dataset_fn(args.train_data, args.dataset_type)(
-        args, preprocess_fns[0], is_train=True, epoch=epoch, tokenizer=redraw)
-    logging.info(f"openclip-robust: a new prompt template per caption read "
-                 f"({len(redraw.templates)} templates x {len(redraw.classnames)} classes)")
-
 
 def open_teacher_cache(args, preprocess, tokenizer, weights_hash, ref_urls):
     """Open --ref-teacher-cache and refuse it unless this run would compute the same embeddings."""

@@ -8,8 +8,6 @@ Trap 2, ``--accum-freq``: upstream backwards every micro-batch's loss, and this 
 directly (not through the micro-batch's features), so its gradient would be counted accum_freq times.
 The term's value is the full λ·‖θ − θ_pre‖² (what is logged); its gradient is 1/accum_freq of it.
 """
-import torch
-
 from openclip_robust.checks import require
 from openclip_robust.losses.base import RobustLoss, fp32
 from openclip_robust.losses.registry import register_loss

@@ -7,7 +7,7 @@ from open_clip_train.data import get_data
 
 from openclip_robust.data.shards import write_samples
 from openclip_robust.demo.samples import digits_samples
-from openclip_robust.plugin import redraw_prompts
+from openclip_robust.data.prompt_redraw import redraw_prompts
 
 TEMPLATES = ["a photo of the digit {c}.", "a sketch of {c}.", "{c}, handwritten.", "the number {c}."]
 

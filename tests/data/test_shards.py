@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from openclip_robust.data import shards
-from openclip_robust.data.shards import PromptRedrawTokenizer
+from openclip_robust.data.prompt_redraw import PromptRedrawTokenizer
 
 CLASSES = ["cat", "dog", "bird"]  # folder order (sorted): bird, cat, dog
 LEVELS = {"cat": 40, "dog": 120, "bird": 200}  # each class's images have one grey level
