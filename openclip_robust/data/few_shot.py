@@ -14,6 +14,7 @@ from open_clip_train.data import DataInfo, SharedEpoch
 
 from openclip_robust.data import shards as sh
 from openclip_robust.data.shard_format import decode_image, has_image, image_of, tar_samples
+from openclip_robust.data import keep_workers
 
 
 def scan_classes(urls):
@@ -100,7 +101,7 @@ def few_shot_loader(args, preprocess, epoch, class_tokens, classnames):
     # full batches only, as upstream's train loaders: every step sees batch-size images
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          sampler=EpochShuffle(len(dataset), args.seed, shared_epoch),
-                                         drop_last=True, persistent_workers=args.workers > 0)
+                                         drop_last=True, persistent_workers=keep_workers(args, args.workers))
     loader.num_samples, loader.num_batches = len(dataset), len(loader)
     logging.info(f"openclip-robust: {len(dataset)} training images "
                  f"({args.prompt_shots or 'all'} per class x {len(classnames)} classes, seed {args.seed})")

@@ -20,6 +20,7 @@ from open_clip_train.data import (
 
 from openclip_robust.data.probe import FailureGuard
 from openclip_robust.data.shard_format import IMAGE_KEYS, decode_sample
+from openclip_robust.data import keep_workers
 
 
 def is_webdataset(args):
@@ -76,7 +77,7 @@ def get_image_only_wds(args, preprocess_img, epoch, tokenizer, teacher_cache=Non
     worker_batches = math.ceil(math.ceil(num_samples / global_batch) / num_workers)
     dataset = dataset.with_epoch(worker_batches)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
-                           persistent_workers=args.workers > 0)
+                           persistent_workers=keep_workers(args, args.workers))
     loader.num_batches = worker_batches * num_workers
     loader.num_samples = loader.num_batches * global_batch
     return DataInfo(dataloader=loader, shared_epoch=shared_epoch)

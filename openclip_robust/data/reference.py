@@ -28,6 +28,7 @@ from openclip_robust.data.probe import FailureGuard
 from openclip_robust.distributed import all_gather_objects, rank_and_world
 from openclip_robust.storage import StorageTimeout, bounded
 from openclip_robust.data.shard_format import IMAGE_EXTS, IMAGE_KEYS, decode_sample, has_image, is_local, tar_samples
+from openclip_robust.data import keep_workers
 
 
 def first_sample_ok(path):
@@ -230,7 +231,7 @@ class ReferenceStream:
             wds.batched(args.ref_batch_size, partial=False),
         )
         self.loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=args.ref_workers,
-                                    persistent_workers=args.ref_workers > 0,
+                                    persistent_workers=keep_workers(args, args.ref_workers),
                                     pin_memory=str(args.device).startswith("cuda"))  # async copy to the GPU
         self._it = None
 

@@ -71,3 +71,10 @@ def test_ranks_share_the_shard_scan_and_drop_the_same_shards(tmp_path, ref_shard
     assert sorted(ranks[0]["opened"] + ranks[1]["opened"]) == sorted(urls + [extra, str(bad)])  # each once
     assert ranks[0]["opened"] and ranks[1]["opened"]
     assert ranks[0]["good"] == ranks[1]["good"] == urls + [extra]
+
+
+def test_the_plugins_loaders_honour_upstreams_persistent_workers_flag():
+    from openclip_robust.data import keep_workers
+    assert keep_workers(SimpleNamespace(), 2) is True                         # a line without the flag: kept
+    assert keep_workers(SimpleNamespace(persistent_workers=False), 2) is False  # --persistent-workers off
+    assert keep_workers(SimpleNamespace(persistent_workers=True), 0) is False   # no workers: nothing to keep
