@@ -39,3 +39,13 @@ def test_the_table_shows_the_paired_differences_with_their_marks():
     table = report.markdown_table({"runs": RUNS})
     line = next(l for l in table.splitlines() if l.startswith("| dive − flyp |"))
     assert line == "| dive − flyp | 3 | -2.3 ± 1.5 | 14.3 ± 0.6* | 0.660 ± 0.095* |"
+
+
+def test_snd_minus_flyp_is_paired_too_and_nothing_without_snd():
+    snd = [run("snd", 0, 0.79, 0.20, 0.5), run("snd", 1, 0.72, 0.15, 0.6), run("snd", 2, 0.70, 0.10, 0.5)]
+    table = report.markdown_table({"runs": RUNS + snd})
+    # ZS: snd - flyp = 0.10, 0.03, 0.02 -> mean 0.05, std sqrt((0.05^2 + 0.02^2 + 0.03^2) / 2) = 0.0436
+    line = next(l for l in table.splitlines() if l.startswith("| snd − flyp |"))
+    assert line == "| snd − flyp | 3 | -1.3 ± 3.5 | 5.0 ± 4.4 | 0.233 ± 0.153 |"  # ID: -0.01, 0.02, -0.05
+    assert "| dive − snd | 3 |" in table
+    assert "snd − flyp" not in report.markdown_table({"runs": RUNS})

@@ -14,7 +14,7 @@ from PIL import Image
 from openclip_robust.launch import train as train_upstream
 from openclip_robust.miniature import assets, data as md, experiment
 from openclip_robust.miniature.__main__ import main
-from openclip_robust.miniature.experiment import TINY, Config, choose_lambda, render_needed, run_experiment
+from openclip_robust.miniature.experiment import CHANCE_MULTIPLES, TINY, Config, choose_lambda, render_needed, run_experiment
 from openclip_robust.miniature.jobs import JobPool, run_in_child
 from openclip_robust.miniature.model import lit_align, text_tower_without_dropout
 
@@ -164,6 +164,11 @@ def test_a_failing_fine_tune_stops_the_run_and_shows_its_log(tiny_out, monkeypat
 @pytest.mark.slow
 def test_tiny_end_to_end(tiny_out):
     res = run_experiment(Config(**TINY), out=str(tiny_out), seeds=1)
+    pre = res["runs"][0]["roles"]  # the ImageNet-like target: model A is already good at it and its shifts
+    chance_target, chance_zs = 1 / len(md.TARGET_CLASSES), 1 / md.ZERO_SHOT_COUNT
+    assert pre["id"] >= CHANCE_MULTIPLES["id"] * chance_target, pre
+    assert pre["ood"] >= CHANCE_MULTIPLES["ood"] * chance_target, pre
+    assert pre["zeroshot"] >= CHANCE_MULTIPLES["zeroshot"] * chance_zs, pre
     methods = {r["method"] for r in res["runs"]}
     assert methods == {"pre-trained", "flyp", "replay", "snd", "dive", "dive-avl", "dive-pvl", "dive+wise"}
     for run in res["runs"]:
@@ -318,8 +323,8 @@ def test_render_clipart_equals_compositing_at_full_size(tmp_path):
             assert out.mode == "RGB" and out.size == (40, 20)
 
 
-def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tmp_path, monkeypatch):
-    """The job graph without training: fakes for data, fine-tunes and evaluations record what ran, in order."""
+def _fake_jobs(tmp_path, monkeypatch):
+    """Fakes for data, fine-tunes and evaluations that record what ran, in order (the list returned)."""
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "alignment.json").write_text("{}")
     stage = experiment.Stage(tmp_path / "data", tmp_path / "model", {"data": "d", "model": "m"})
@@ -346,6 +351,12 @@ def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tm
     monkeypatch.setattr(experiment, "run_method", fake_train)
     monkeypatch.setattr(experiment, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(experiment, "run_in_child", lambda fn, args, log, what: Path(args[-1]).write_text("w"))  # WiSE
+    return calls
+
+
+def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tmp_path, monkeypatch):
+    """The job graph without training: what ran, in which order."""
+    calls = _fake_jobs(tmp_path, monkeypatch)
     res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), rebuild=True, jobs=1)
     trains = [label for kind, label in calls if kind == "train"]
     assert len(trains) == len(set(trains)) == 7  # the chosen grid run is DiVE's: not trained again, not by --rebuild
@@ -370,3 +381,36 @@ def test_dive_norms_are_read_from_the_last_logged_step(tmp_path):
                    "Dive_v_norm: 2.5e-01 (0.25)\nTrain Epoch: 0 [960/960] Dive_m_norm: 0.0062558 (0.004) "
                    "Dive_u_norm: 0.41625 (0.3) Dive_v_norm: 0.33251 (0.3)\n")
     assert logged_norms(tmp_path / "model.pt") == {"u_norm": 0.41625, "v_norm": 0.33251, "m_norm": 0.0062558}
+
+
+def test_ablations_run_on_the_first_seeds_only_when_asked(tmp_path, monkeypatch):
+    """The default run: every method on 3 seeds, AVL-only / PVL-only on the first; the λ grid once, on seed 0."""
+    calls = _fake_jobs(tmp_path, monkeypatch)
+    res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), seeds=3, jobs=1,
+                                    ablation_seeds=1)
+    trains = sorted(label for kind, label in calls if kind == "train")
+    assert trains == sorted(["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0", "dive-100-avl-s0", "dive-100-pvl-s0",
+                             *(f"{m}-s{s}" for m in ("flyp", "replay", "snd") for s in range(3)),
+                             "dive-100-avl,pvl-s1", "dive-100-avl,pvl-s2"])
+    names = [r["name"] for r in res["runs"]]
+    assert names.count("dive-avl/seed0") == 1 and "dive-avl/seed1" not in names and "dive+wise/seed2" in names
+    assert res["miniature"]["ablation_seeds"] == 1 and res["miniature"]["seeds"] == 3
+
+
+def test_cli_default_quick_and_full(monkeypatch, tmp_path):
+    """Default: clip-art, 3 seeds, ablations on 1; --quick: 1 seed, the coarse grid; --full: ablations on every
+    seed, then Fashion-MNIST into OUT/fashion on the same cache."""
+    seen = []
+    monkeypatch.setattr("openclip_robust.miniature.__main__.run_experiment",
+                        lambda cfg, out, seeds, rebuild, jobs, ablation_seeds, cache_root=None:
+                        seen.append((cfg.target, cfg.lambda_grid, str(out), seeds, ablation_seeds, cache_root)))
+    out = str(tmp_path / "o")
+    assert main(["--out", out]) == 0
+    assert seen.pop() == ("clipart", (1, 3, 10, 30, 100), out, 3, 1, None)
+    assert main(["--out", out, "--quick"]) == 0
+    assert seen.pop() == ("clipart", (1, 10, 100), out, 1, 1, None)
+    assert main(["--out", out, "--full", "--seeds", "2"]) == 0
+    assert seen == [("clipart", (1, 3, 10, 30, 100), out, 2, 2, None),
+                    ("fashion", (1, 3, 10, 30, 100), str(Path(out) / "fashion"), 2, 2, Path(out) / "cache")]
+    with pytest.raises(SystemExit):
+        main(["--quick", "--full"])
