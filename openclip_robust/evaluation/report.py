@@ -134,6 +134,25 @@ def markdown_table(results):
                 cells.append(_fmt("score", (statistics.fmean(values), statistics.stdev(values) if len(values) > 1
                                          else None)) if values else "–")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if results.get("notes"):
+        lines += [""] + list(results["notes"])
+    if results.get("verdicts"):
+        lines += ["", verdict_table(results["verdicts"])]
+    return "\n".join(lines) + "\n"
+
+
+def verdict_table(verdicts):
+    """The paper's claims against this run (claims.claim_verdicts' records), as a markdown table."""
+    def num(column, x):
+        return "–" if x is None else f"{x:.3f}" if column == "rsa" else f"{100 * x:.1f}"
+    lines = ["Claims of the paper (a verdict when the paired 95% interval lies beyond the bound; points, RSA "
+             "as a correlation):", "", "| claim | difference | seeds | mean [95% interval] | bound | verdict |",
+             "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        c = v["column"]
+        ci = f" [{num(c, v['low'])}, {num(c, v['high'])}]" if v["low"] is not None else ""
+        lines.append(f"| {v['claim']} | {v['difference']} ({c}) | {v['seeds']} | {num(c, v['mean'])}{ci} | "
+                     f"{num(c, v['bound'])} | {v['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from openclip_robust.data import shards as sh
-from openclip_robust.evaluation import report
+from openclip_robust.evaluation import claims, report
 from openclip_robust.evaluation.rsa import rsa_scores
 from openclip_robust.evaluation.suite import Run, evaluate_model, load_model
 from openclip_robust.evaluation.wise import wise_ft
@@ -39,7 +39,10 @@ class Config:
     align_val_pairs: int = 300
     heldout_pairs: int = 500
     retrieval_pairs: int = 600      # held-out pairs + held-out-category images for retrieval and RSA
-    zeroshot_per_class: int = 0     # cap on held-out-category images per class (0 = all)
+    zeroshot_per_class: int = 0     # cap on zero-shot (and novel-concept) evaluation images per class (0 = all)
+    # of each zero-shot category's clip arts, this share may reach alignment (the concept is known, as CLIP's
+    # pre-training covers Caltech-101's): the paper's zero-shot; the rest are evaluation images (md.split_openclipart)
+    zeroshot_align_share: float = 0.25
     ref_pairs: int = 2500           # reference set = alignment-train size (0 = every training pair)
     align_steps: int = 600
     fashion_train: int = 3000
@@ -62,9 +65,10 @@ class Config:
 
     def data_params(self):
         keys = ("image_size", "clipart_size", "align_val_pairs", "heldout_pairs", "retrieval_pairs", "ref_pairs",
-                "zeroshot_per_class", "fashion_train", "fashion_val", "fashion_test", "seed", "split_seed")
+                "zeroshot_per_class", "zeroshot_align_share", "fashion_train", "fashion_val", "fashion_test", "seed",
+                "split_seed")
         params = {k: getattr(self, k) for k in keys}
-        if self.target != "fashion":  # the fashion data keep their cache key
+        if self.target != "fashion":
             params.update(target=self.target, target_per_class=self.target_per_class)
         return params
 
@@ -126,20 +130,33 @@ def render_needed(cache_dir, rels, size):
     return known_bad | set(new_bad)
 
 
-def build_data(out, cfg, clipart_dir):
-    out = Path(out)
-    items = md.openclipart_items()
+def split_all(cfg, items):
+    """(splits, target) of the openclipart items: md.split_openclipart's splits (the zero-shot categories'
+    evaluation images apart, a share of their clip arts in the alignment pool; the novel concepts apart;
+    alignment-train capped at ref_pairs: the reference set), and the clip-art target's {"train", "val",
+    "test"} (None for the fashion target), whose "align" share stays in the alignment pool."""
     held_out = md.held_out_categories(cfg.split_seed)
+    novel = md.novel_categories(cfg.split_seed)
     target = None
     if cfg.target == "clipart":  # its held-out images leave the alignment pool; its "align" share stays
-        target, rest = md.split_target([it for it in items if it[1] not in held_out], cfg.target_per_class,
+        named = set(held_out) | set(novel)
+        target, rest = md.split_target([it for it in items if it[1] not in named], cfg.target_per_class,
                                        cfg.split_seed)
-        items = rest + target.pop("align") + [it for it in items if it[1] in held_out]
-    splits = md.split_openclipart(items, cfg.align_val_pairs, cfg.heldout_pairs, cfg.split_seed, held_out)
+        items = rest + target.pop("align") + [it for it in items if it[1] in named]
+    splits = md.split_openclipart(items, cfg.align_val_pairs, cfg.heldout_pairs, cfg.split_seed, held_out, novel,
+                                  cfg.zeroshot_align_share)
     if cfg.ref_pairs:
         splits["align_train"] = splits["align_train"][:cfg.ref_pairs]
     if cfg.zeroshot_per_class:
-        splits["zeroshot"] = md.cap_per_category(splits["zeroshot"], cfg.zeroshot_per_class, cfg.seed)
+        for k in ("zeroshot", "novel"):
+            splits[k] = md.cap_per_category(splits[k], cfg.zeroshot_per_class, cfg.seed)
+    return splits, target
+
+
+def build_data(out, cfg, clipart_dir):
+    out = Path(out)
+    held_out, novel = md.held_out_categories(cfg.split_seed), md.novel_categories(cfg.split_seed)
+    splits, target = split_all(cfg, md.openclipart_items())
     n_zs = max(0, cfg.retrieval_pairs - len(splits["heldout_pairs"]))
     retrieval = splits["heldout_pairs"][:cfg.retrieval_pairs] + random.Random(cfg.seed).sample(
         splits["zeroshot"], min(n_zs, len(splits["zeroshot"])))
@@ -166,11 +183,12 @@ def build_data(out, cfg, clipart_dir):
     sh.make_ref_shards(caption_tsv("reference_pairs", splits["align_train"]), out / "reference", 500,
                        cfg.seed, workers=2)
     sh.make_ref_shards(caption_tsv("retrieval_pairs", retrieval), out / "retrieval", 500, cfg.seed, workers=2)
-    cats = list(held_out)
-    zs_tsv = out / "zeroshot.tsv"
-    zs_tsv.write_text("".join(f"{clipart_dir}/{rel}\t{cats.index(cat)}\n" for rel, cat, _ in splits["zeroshot"]))
-    sh.make_target_shards(zs_tsv, out / "zeroshot", [held_out[c] for c in cats], md.CLIPART_TEMPLATES, 500,
-                          cfg.seed, workers=2)
+    for name, classes in (("zeroshot", held_out), ("novel", novel)):
+        cats = list(classes)
+        tsv = out / f"{name}.tsv"
+        tsv.write_text("".join(f"{clipart_dir}/{rel}\t{cats.index(cat)}\n" for rel, cat, _ in splits[name]))
+        sh.make_target_shards(tsv, out / name, [classes[c] for c in cats], md.CLIPART_TEMPLATES, 500, cfg.seed,
+                              workers=2)
     # Fashion-MNIST: train (target shards), val (λ / WiSE choice), test (ID) and shifted test (OOD)
     fashion = md.fashion_subsets(cfg.fashion_train, cfg.fashion_val, cfg.fashion_test, cfg.seed)
     sets = {"fashion_train": fashion["train"], "fashion_val": fashion["val"], "fashion_test": fashion["test"]}
@@ -183,6 +201,7 @@ def build_data(out, cfg, clipart_dir):
         {"name": "fashion-mnist", "role": "id", "path": "fashion_test", "metrics": ["top1"]},
         *({"name": f"fashion-{n}", "role": "ood", "path": f"fashion_{n}", "metrics": ["top1"]} for n in md.OOD_SHIFTS),
         {"name": "clipart-heldout", "role": "zeroshot", "path": "zeroshot", "metrics": ["top1", "balanced_acc"]},
+        {"name": "clipart-novel", "role": "extra", "path": "novel", "metrics": ["top1", "balanced_acc"]},
         {"name": RSA_DATASET, "role": "retrieval", "path": "retrieval", "metrics": ["mean_R@5", "mean_R@1"]}]}
     (out / "suite.json").write_text(json.dumps(suite, indent=1))
     val_suite = {"datasets": [{"name": "fashion-mnist-val", "role": "id", "path": "fashion_val"}]}
@@ -203,7 +222,7 @@ def write_clipart_target(out, cfg, clipart_dir, target, suite):
     for name, rows in sets.items():
         tsv = md.write_image_table([(np.asarray(im), label) for im, label in rows], out / "raw", name)
         sh.make_target_shards(tsv, out / name, names, md.CLIPART_TEMPLATES, 500, cfg.seed, workers=2)
-    others = [d for d in suite["datasets"] if d["role"] in ("zeroshot", "retrieval")]
+    others = [d for d in suite["datasets"] if d["role"] in ("zeroshot", "extra", "retrieval")]
     (out / "suite_clipart.json").write_text(json.dumps({"datasets": [
         {"name": "clipart", "role": "id", "path": "clipart_test", "metrics": ["top1"]},
         *({"name": f"clipart-{n}", "role": "ood", "path": f"clipart_{n}", "metrics": ["top1"]} for n in md.CLIPART_SHIFTS),
@@ -439,6 +458,8 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None,
                             "model_a": str(stage.model),
                             "alignment": json.loads((stage.model / "alignment.json").read_text()),
                             "seconds": {"data_and_model_a": round(t_prepare), "total": round(time.time() - t0)}}
+    results["notes"] = notes(cfg, results, seeds, ablation_seeds)
+    results["verdicts"] = claims.claim_verdicts(results["runs"])
     paths = report.write_report(results, out, "results")
     table = report.markdown_table(results)
     print(table)
@@ -446,6 +467,33 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None,
           f"step of that run: " + ", ".join(f"‖{k[0]}‖ = {v:.3g}" for k, v in norms.items()) + " (paper: ~1e-3)")
     print(f"[miniature] {paths}; {time.time() - t0:.0f} s")
     return results
+
+
+def chance_multiples(cfg, pre):
+    """The pre-trained row's scores in multiples of chance: {"id", "ood", "zeroshot", "novel"} (pre: its record)."""
+    n_target = len(md.TARGET_CLASSES) if cfg.target == "clipart" else len(md.FASHION_CLASSES)
+    out = {role: pre["roles"][role] * n_target for role in ("id", "ood") if role in pre["roles"]}
+    if "zeroshot" in pre["roles"]:
+        out["zeroshot"] = pre["roles"]["zeroshot"] * len(md.held_out_categories(cfg.split_seed))
+    novel = pre.get("datasets", {}).get("clipart-novel")
+    if novel:
+        out["novel"] = novel["score"] * len(md.novel_categories(cfg.split_seed))
+    return out
+
+
+def notes(cfg, results, seeds, ablation_seeds):
+    """results.md's lines between the tables and the verdicts: seeds, the λ curve, the pre-trained row vs chance."""
+    m = results["miniature"]
+    curve = ", ".join(f"{lam:g}: {100 * s:.1f}" for lam, s in m["lambda_grid_id_val"].items())
+    multiples = chance_multiples(cfg, results["runs"][0])
+    ends = [min(cfg.lambda_grid), max(cfg.lambda_grid)] if len(cfg.lambda_grid) > 1 else []
+    return [f"Seeds {cfg.seed}–{cfg.seed + seeds - 1} for FLYP, replay, SnD, DiVE and DiVE + WiSE; AVL-only and "
+            f"PVL-only on {'every seed' if ablation_seeds >= seeds else f'the first {ablation_seeds}'}. ",
+            f"DiVE λ on seed {cfg.seed}'s ID validation (top-1 %): {curve} → λ = {m['lambda']:g}"
+            + (" (at an end of the grid: extend it with --lambda-grid)" if m["lambda"] in ends else "") + ".",
+            "",
+            "Pre-trained model in multiples of chance: " + ", ".join(f"{k} {v:.1f}×" for k, v in multiples.items())
+            + " (novel concepts: categories no alignment pair shows; a per-dataset column, in no average).", ""]
 
 
 def model_a(out="runs/miniature", quick=False, rebuild=False):

@@ -90,6 +90,68 @@ def test_split_on_real_openclipart():
     assert {c for _, c, _ in splits["zeroshot"]} == set(other)
 
 
+def _assert_zero_shot_as_in_the_paper(splits, target, held_out, novel):
+    """Zero-shot evaluation images reach no alignment pair, no reference pair (= alignment-train) and no
+    fine-tuning image, while their categories' other images are aligned; novel concepts reach nothing."""
+    rels = lambda rows: {it[0] for it in rows}  # noqa: E731
+    zs, nov = rels(splits["zeroshot"]), rels(splits["novel"])
+    trained = rels(splits["align_train"]) | rels(splits["align_val"])
+    tuned = set().union(*(rels(v) for v in (target or {}).values()))
+    assert zs and nov and trained
+    assert zs & trained == set() and zs & tuned == set() and nov & (trained | tuned | zs) == set()
+    assert rels(splits["heldout_pairs"]) & (trained | tuned | zs | nov) == set()
+    assert {it[1] for it in splits["zeroshot"]} == set(held_out)
+    assert {it[1] for it in splits["novel"]} == set(novel) and set(novel).isdisjoint(held_out)
+    cats = lambda rows: {it[1] for it in rows}  # noqa: E731
+    assert cats(splits["align_train"] + splits["align_val"] + splits["heldout_pairs"]) & set(novel) == set()
+    assert cats(splits["align_train"]) & set(held_out)  # the concepts are seen in alignment: the paper's setting
+    assert not set(held_out) & set(md.TARGET_CLASSES)  # never fine-tuned on
+
+
+def _named_items(n=24):
+    cats = [*md.HELD_OUT, *md.MORE_NAMEABLE, *md.TARGET_CLASSES, "computer/icons", "animals"]
+    return [(f"{c}/img{i:02d}.png", c, f"caption {c} {i}") for c in cats for i in range(n)]
+
+
+def test_zero_shot_share_splits_each_category_by_image():
+    items = _named_items(20)
+    held = dict(list(md.HELD_OUT.items())[:3])
+    novel = dict(list(md.MORE_NAMEABLE.items())[:2])
+    sub = [it for it in items if it[1] in held or it[1] in novel or it[1] == "computer/icons"]
+    splits = md.split_openclipart(sub, 5, 5, seed=2, held_out=held, novel=novel, zeroshot_align_share=0.25)
+    assert len(splits["zeroshot"]) == 3 * 15 and len(splits["novel"]) == 2 * 20  # 5 of each 20 join the pool
+    pool = splits["align_train"] + splits["align_val"] + splits["heldout_pairs"]
+    assert sorted(it[1] for it in pool if it[1] in held) == sorted(list(held) * 5)
+    assert sum(len(v) for v in splits.values()) == len(sub)  # nothing lost, nothing twice
+    assert {it[0] for it in splits["zeroshot"]}.isdisjoint(it[0] for it in pool)
+    strict = md.split_openclipart(sub, 5, 5, seed=2, held_out=held, novel=novel)  # share 0: concepts unseen too
+    assert len(strict["zeroshot"]) == 60 and not {it[1] for it in strict["align_train"]} & set(held)
+
+
+@pytest.mark.parametrize("split_seed", [0, 7])
+@pytest.mark.parametrize("target", ["clipart", "fashion"])
+def test_zero_shot_evaluation_images_reach_no_training_stage(split_seed, target):
+    cfg = Config(split_seed=split_seed, target=target, ref_pairs=600, align_val_pairs=50, heldout_pairs=60)
+    splits, tgt = experiment.split_all(cfg, _named_items())
+    held, novel = md.held_out_categories(split_seed), md.novel_categories(split_seed)
+    assert len(held) == md.ZERO_SHOT_COUNT and (split_seed == 0) == (novel == md.MORE_NAMEABLE)
+    _assert_zero_shot_as_in_the_paper(splits, tgt, held, novel)
+    assert (tgt is None) == (target == "fashion")
+    assert len(splits["zeroshot"]) == md.ZERO_SHOT_COUNT * (24 - round(cfg.zeroshot_align_share * 24))
+
+
+@needs_assets
+@pytest.mark.parametrize("split_seed", [0, 7])
+def test_zero_shot_evaluation_images_reach_no_training_stage_on_real_openclipart(split_seed):
+    cfg = Config(split_seed=split_seed)
+    splits, target = experiment.split_all(cfg, md.openclipart_items())
+    _assert_zero_shot_as_in_the_paper(splits, target, md.held_out_categories(split_seed),
+                                      md.novel_categories(split_seed))
+    held = md.held_out_categories(split_seed)
+    assert len(splits["zeroshot"]) >= 500 and 2000 <= len(splits["align_train"]) <= cfg.ref_pairs
+    assert sum(it[1] in held for it in splits["align_train"]) >= 100  # about 7 pairs per zero-shot concept
+
+
 def test_category_and_caption_parsing():
     assert md.category_of("animals/birds/sub/x.png") == "animals/birds"
     assert md.category_of("food/apple.png") == "food"
