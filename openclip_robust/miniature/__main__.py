@@ -6,6 +6,7 @@ Default: the clip-art target (the ImageNet-like case), 3 seeds, AVL-only / PVL-o
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -60,10 +61,11 @@ def main(argv=None):
             return 0
         cfg = dataclasses.replace(Config(), **over)
         ablation_seeds = seeds if a.full else 1
-        run_experiment(cfg, a.out, seeds, a.rebuild, a.jobs, ablation_seeds)
+        command = shlex.join(["python", "-m", "openclip_robust.miniature", *(sys.argv[1:] if argv is None else argv)])
+        run_experiment(cfg, a.out, seeds, a.rebuild, a.jobs, ablation_seeds, command=command)
         if a.full and cfg.target == "clipart":  # the second table: the task model A is weak on
             run_experiment(dataclasses.replace(cfg, target="fashion"), Path(a.out) / "fashion", seeds, a.rebuild,
-                           a.jobs, ablation_seeds, cache_root=Path(a.out) / "cache")
+                           a.jobs, ablation_seeds, cache_root=Path(a.out) / "cache", command=command)
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -372,11 +372,12 @@ DIVE_VARIANTS = {"dive": "avl,pvl", "dive-avl": "avl", "dive-pvl": "pvl"}
 
 
 def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None, ablation_seeds=None,
-                   cache_root=None):
+                   cache_root=None, command=None):
     """Fine-tune and evaluate every method on cfg.target; write OUT/results.{json,md,png}; return the results.
 
     seeds: fine-tuning seeds of FLYP, replay, SnD and DiVE (+ WiSE); ablation_seeds: of those, how many
-    also train AVL-only and PVL-only (default: all). cache_root: default OUT/cache.
+    also train AVL-only and PVL-only (default: all). cache_root: default OUT/cache. command: the command line,
+    recorded in results.json (scripts/results_table.py prints it).
     """
     torch.set_flush_denormal(True)  # this process builds the data and model A with every core; jobs: jobs.py
     t0 = time.time()
@@ -421,7 +422,7 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None,
         return lam
 
     # `jobs` jobs at a time (one per core by default), each on one core; evals: futures in table order
-    with JobPool(jobs or os.cpu_count() or 1) as pool:
+    with JobPool(jobs or os.cpu_count() or 1, progress="[miniature]") as pool:
         grid_ckpts = {lam: pool.submit(P_LAMBDA, train, dive_args(lam), cfg.seed) for lam in cfg.lambda_grid}
         grid = [pool.submit(P_LAMBDA, id_val, lam, after=[grid_ckpts[lam]]) for lam in cfg.lambda_grid]
         lam = pool.submit(P_LAMBDA, pick, after=grid)
@@ -452,7 +453,7 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None,
     grid = dict(zip(cfg.lambda_grid, (f.result() for f in grid)))
     lam = lam.result()
     norms = logged_norms(grid_ckpts[lam].result())
-    results["miniature"] = {"config": asdict(cfg), "seeds": seeds, "ablation_seeds": ablation_seeds,
+    results["miniature"] = {"command": command, "config": asdict(cfg), "seeds": seeds, "ablation_seeds": ablation_seeds,
                             "lambda_grid_id_val": grid, "lambda": lam,
                             "dive_norms_at_lambda": norms,
                             "model_a": str(stage.model),

@@ -312,6 +312,17 @@ def test_job_pool_runs_by_priority_then_submission_order():
     assert order == ["lambda", "train", "train2", "short", "eval"]
 
 
+def test_job_pool_shows_jobs_done_and_left(capsys):
+    gate = threading.Event()
+    with JobPool(1, progress="[p]") as pool:
+        a = pool.submit(0, gate.wait)  # holds the only worker until every job is submitted
+        pool.submit(0, lambda x: x, after=[a])
+        pool.submit(1, lambda: 2)
+        gate.set()
+    lines = [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["[p] jobs: 1 done, 2 left", "[p] jobs: 2 done, 1 left", "[p] jobs: 3 done, 0 left"]
+
+
 def test_job_pool_passes_results_on_and_a_failure_fails_its_dependents():
     ran = []
     with JobPool(2) as pool:
@@ -464,11 +475,13 @@ def test_cli_default_quick_and_full(monkeypatch, tmp_path):
     seed, then Fashion-MNIST into OUT/fashion on the same cache."""
     seen = []
     monkeypatch.setattr("openclip_robust.miniature.__main__.run_experiment",
-                        lambda cfg, out, seeds, rebuild, jobs, ablation_seeds, cache_root=None:
-                        seen.append((cfg.target, cfg.lambda_grid, str(out), seeds, ablation_seeds, cache_root)))
-    out = str(tmp_path / "o")
+                        lambda cfg, out, seeds, rebuild, jobs, ablation_seeds, cache_root=None, command=None:
+                        seen.append((cfg.target, cfg.lambda_grid, str(out), seeds, ablation_seeds, cache_root)) or
+                        commands.append(command))
+    out, commands = str(tmp_path / "o"), []
     assert main(["--out", out]) == 0
     assert seen.pop() == ("clipart", (1, 3, 10, 30, 100), out, 3, 1, None)
+    assert commands.pop() == f"python -m openclip_robust.miniature --out {out}"  # recorded in results.json
     assert main(["--out", out, "--quick"]) == 0
     assert seen.pop() == ("clipart", (1, 10, 100), out, 1, 1, None)
     assert main(["--out", out, "--full", "--seeds", "2"]) == 0
