@@ -13,7 +13,7 @@ import re
 import shlex
 import shutil
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class Config:
     # brackets ID-val's peak (at batch 32: 1: 71.4, 3: 75.4, 10: 69.8, 30: 65.1, 100: 60.3, 300: 54.0)
     lambda_grid: tuple = (1, 3, 10, 30, 100)
     lambda_tolerance: float = 0.01  # ID-val ties within this pick the larger λ (stronger preservation)
+    lambda_extend: int = 2          # λ grid points added at most where the chosen λ is at an end of the grid
     wise_alpha: float = 0.5
     seed: int = 0
     split_seed: int = 0             # held-out categories and pairs (md.held_out_categories); 0: the documented set
@@ -84,9 +85,9 @@ QUICK = dict(align_steps=100, zeroshot_per_class=10, heldout_pairs=300, target_p
 TINY = dict(retrieval_pairs=60, fashion_train=64, fashion_val=32, fashion_test=32, steps=2, batch_size=8, warmup=1,
             lambda_grid=(100,))  # the default's split and alignment: the same model A as the default run's
 
-# The pre-trained row's floor, in multiples of chance, on the clip-art target (10 classes) and its shifts and
-# on the 25 zero-shot categories: the issue's goals are 3, 3 and 5; zero-shot reaches about 3 (docs/miniature.md).
-CHANCE_MULTIPLES = {"id": 3.0, "ood": 3.0, "zeroshot": 2.5}
+# The pre-trained row's floor, in multiples of chance, on the clip-art target (10 classes) and its shifts and on
+# the 25 zero-shot categories (the issue's goals); measured: 4.8, 3.9 and 7.4 (docs/miniature.md).
+CHANCE_MULTIPLES = {"id": 3.0, "ood": 3.0, "zeroshot": 5.0}
 
 RSA_DATASET = "clipart-pairs"  # suite.json's retrieval set (held-out pairs): RSA compares the same pairs
 
@@ -361,6 +362,15 @@ def choose_lambda(scores, tolerance):
     return max(lam for lam, s in scores.items() if s >= best - tolerance)
 
 
+def extend_grid(curve, lam):
+    """The next λ beyond an end of the grid when `lam` (the chosen one) is at that end, else None: one step of the
+    grid's own log spacing (its two points nearest that end) further out."""
+    grid = sorted(curve)
+    if len(grid) < 2 or lam not in (grid[0], grid[-1]):
+        return None
+    return lam * grid[-1] / grid[-2] if lam == grid[-1] else lam * grid[0] / grid[1]
+
+
 def dive_args(lam, terms="avl,pvl"):
     return ["--robust-loss", "dive", "--dive-lambda", f"{lam:g}", "--dive-terms", terms]
 
@@ -416,8 +426,20 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None,
         print(f"[miniature] DiVE λ={lam:g}: ID-val top-1 {metrics['roles']['id']:.4f}", flush=True)
         return metrics["roles"]["id"]
 
+    curve = {}  # λ -> ID-val top-1: the grid, extended where its best was at an end
+
     def pick(*scores):
-        lam = choose_lambda(dict(zip(cfg.lambda_grid, scores)), cfg.lambda_tolerance)
+        curve.update(zip(cfg.lambda_grid, scores))
+        lam = choose_lambda(curve, cfg.lambda_tolerance)
+        for _ in range(cfg.lambda_extend):  # the best at an end of the grid: one more log step beyond it
+            new = extend_grid(curve, lam)
+            if new is None:
+                break
+            done = Future()
+            done.set_result(train(dive_args(new), cfg.seed))
+            grid_ckpts[new] = done
+            curve[new] = id_val(new, done.result())
+            lam = choose_lambda(curve, cfg.lambda_tolerance)
         print(f"[miniature] chosen λ = {lam:g}", flush=True)
         return lam
 
@@ -450,8 +472,8 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None,
         if run is not pre:
             rsa[run.name] = rsa_scores(*pre_embeddings[RSA_DATASET], *embeddings[RSA_DATASET])
     report.attach_rsa(results, rsa)
-    grid = dict(zip(cfg.lambda_grid, (f.result() for f in grid)))
     lam = lam.result()
+    grid = dict(sorted(curve.items()))
     norms = logged_norms(grid_ckpts[lam].result())
     results["miniature"] = {"command": command, "config": asdict(cfg), "seeds": seeds, "ablation_seeds": ablation_seeds,
                             "lambda_grid_id_val": grid, "lambda": lam,
@@ -487,11 +509,11 @@ def notes(cfg, results, seeds, ablation_seeds):
     m = results["miniature"]
     curve = ", ".join(f"{lam:g}: {100 * s:.1f}" for lam, s in m["lambda_grid_id_val"].items())
     multiples = chance_multiples(cfg, results["runs"][0])
-    ends = [min(cfg.lambda_grid), max(cfg.lambda_grid)] if len(cfg.lambda_grid) > 1 else []
+    ends = [min(m["lambda_grid_id_val"]), max(m["lambda_grid_id_val"])] if len(cfg.lambda_grid) > 1 else []
     return [f"Seeds {cfg.seed}–{cfg.seed + seeds - 1} for FLYP, replay, SnD, DiVE and DiVE + WiSE; AVL-only and "
             f"PVL-only on {'every seed' if ablation_seeds >= seeds else f'the first {ablation_seeds}'}. ",
             f"DiVE λ on seed {cfg.seed}'s ID validation (top-1 %): {curve} → λ = {m['lambda']:g}"
-            + (" (at an end of the grid: extend it with --lambda-grid)" if m["lambda"] in ends else "") + ".",
+            + (" (still at an end of the extended grid)" if m["lambda"] in ends else "") + ".",
             "",
             "Pre-trained model in multiples of chance: " + ", ".join(f"{k} {v:.1f}×" for k, v in multiples.items())
             + " (novel concepts: categories no alignment pair shows; a per-dataset column, in no average).", ""]

@@ -430,7 +430,8 @@ def _fake_jobs(tmp_path, monkeypatch):
 def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tmp_path, monkeypatch):
     """The job graph without training: what ran, in which order."""
     calls = _fake_jobs(tmp_path, monkeypatch)
-    res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), rebuild=True, jobs=1)
+    res = experiment.run_experiment(Config(lambda_grid=(10, 100), lambda_extend=0), out=str(tmp_path / "out"),
+                                    rebuild=True, jobs=1)
     trains = [label for kind, label in calls if kind == "train"]
     assert len(trains) == len(set(trains)) == 7  # the chosen grid run is DiVE's: not trained again, not by --rebuild
     assert trains[:2] == ["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0"]  # λ's path first ...
@@ -446,6 +447,26 @@ def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tm
     assert res["miniature"]["dive_norms_at_lambda"] == {"u_norm": len("dive-100-avl,pvl-s0")}  # the chosen run's
 
 
+def test_extend_grid_steps_beyond_the_end_the_choice_is_at():
+    assert experiment.extend_grid({1: 0.7, 3: 0.75, 10: 0.6}, 3) is None  # bracketed
+    assert experiment.extend_grid({1: 0.7, 3: 0.75, 10: 0.74}, 10) == pytest.approx(100 / 3)
+    assert experiment.extend_grid({1: 0.8, 10: 0.75, 100: 0.6}, 1) == pytest.approx(0.1)
+    assert experiment.extend_grid({100: 0.5}, 100) is None
+
+
+def test_a_choice_at_the_grid_end_extends_the_grid_on_seed_0(tmp_path, monkeypatch):
+    """λ = 100 chosen from {10, 100} (within tolerance of the best): λ = 1000 is trained and scored (0.5), the
+    choice stays 100, now bracketed; the runs that need λ wait for it; the curve in the results has all three."""
+    calls = _fake_jobs(tmp_path, monkeypatch)
+    res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), jobs=1)
+    trains = [label for kind, label in calls if kind == "train"]
+    assert trains[:3] == ["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0", "dive-1000-avl,pvl-s0"]
+    assert ("eval", "dive-lambda1000") in calls and len(trains) == len(set(trains)) == 8
+    assert res["miniature"]["lambda"] == 100
+    assert res["miniature"]["lambda_grid_id_val"] == {10: 0.70, 100: 0.695, 1000: 0.5}
+    assert "10: 70.0, 100: 69.5, 1000: 50.0 → λ = 100." in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_dive_norms_are_read_from_the_last_logged_step(tmp_path):
     from openclip_robust.miniature.experiment import logged_norms
     log = tmp_path / "logs" / "run" / "out.log"
@@ -459,8 +480,8 @@ def test_dive_norms_are_read_from_the_last_logged_step(tmp_path):
 def test_ablations_run_on_the_first_seeds_only_when_asked(tmp_path, monkeypatch):
     """The default run: every method on 3 seeds, AVL-only / PVL-only on the first; the λ grid once, on seed 0."""
     calls = _fake_jobs(tmp_path, monkeypatch)
-    res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), seeds=3, jobs=1,
-                                    ablation_seeds=1)
+    res = experiment.run_experiment(Config(lambda_grid=(10, 100), lambda_extend=0), out=str(tmp_path / "out"),
+                                    seeds=3, jobs=1, ablation_seeds=1)
     trains = sorted(label for kind, label in calls if kind == "train")
     assert trains == sorted(["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0", "dive-100-avl-s0", "dive-100-pvl-s0",
                              *(f"{m}-s{s}" for m in ("flyp", "replay", "snd") for s in range(3)),
