@@ -37,12 +37,9 @@ def main():
     ap.add_argument("--out", default="runs/model-a-options")
     a = ap.parse_args()
     torch.set_flush_denormal(True)
-    cfg, out = ex.Config(), Path(a.out)
-    items = md.openclipart_items()
+    cfg, out = ex.Config(ref_pairs=0), Path(a.out)
     held = md.held_out_categories(cfg.split_seed)
-    target, rest = md.split_target([it for it in items if it[1] not in held], cfg.target_per_class, cfg.split_seed)
-    pool = rest + target.pop("align") + [it for it in items if it[1] in held]
-    splits = md.split_openclipart(pool, cfg.align_val_pairs, cfg.heldout_pairs, cfg.split_seed, held)
+    splits, target = ex.split_all(cfg, md.openclipart_items())  # the miniature's own split (zero-shot as in the paper)
     caps = [int(n) for n in a.pairs.split(",")]
     if 0 not in caps:
         splits["align_train"] = splits["align_train"][:max(caps)]
