@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from openclip_robust.evaluation import claims
+from openclip_robust.evaluation import claims, report
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts" / "results_table.py")
@@ -14,9 +14,12 @@ spec.loader.exec_module(gen)
 
 
 def test_readme_table_equals_what_the_generator_writes_from_the_measured_results(capsys):
-    """The README's numbers are those of docs/miniature_results.json, the measured run's results.json."""
+    """The README's and miniature.md's numbers are those of docs/miniature_results.json, the measured run's
+    results.json: the README's table and miniature.md's copy of results.md."""
     assert gen.DEFAULT_RESULTS.exists()
-    assert gen.main(["--check", str(ROOT / "README.md")]) == 0, capsys.readouterr().err
+    pages = [ROOT / "README.md", ROOT / "openclip_robust" / "docs" / "miniature.md"]
+    assert gen.main(["--check", *map(str, pages)]) == 0, capsys.readouterr().err
+    assert gen.BEGIN in pages[0].read_text() and gen.FULL_BEGIN in pages[1].read_text()
 
 
 def _fixture():
@@ -49,6 +52,11 @@ def test_the_generator_from_a_fixture_by_hand(tmp_path):
     text = page.read_text()
     assert text == f"# t\n\n{gen.BEGIN}\n" + gen.render(_fixture()) + f"{gen.END}\n\nafter\n"
     assert gen.main(["--results", str(results), "--check", str(page)]) == 0
+    full = tmp_path / "full.md"  # the other block: results.md as the miniature writes it
+    full.write_text(f"{gen.FULL_BEGIN}\n{gen.FULL_END}\n")
+    assert gen.main(["--results", str(results), "--write", str(full)]) == 0
+    assert full.read_text() == f"{gen.FULL_BEGIN}\n{report.markdown_table(_fixture())}{gen.FULL_END}\n"
+    assert "| ID: DiVE within 1 point of FLYP |" in full.read_text()
 
 
 def test_missing_markers_name_the_file(tmp_path):
