@@ -35,7 +35,7 @@ def _fixture():
 
 def test_the_generator_from_a_fixture_by_hand(tmp_path):
     block = gen.render(_fixture()).splitlines()
-    assert block[0] == "`python -m openclip_robust.miniature`: 3 seeds, 800 s wall (100 s data and model A); DiVE λ = 3."
+    assert block[0] == "`python -m openclip_robust.miniature`: 3 seeds, DiVE λ = 3 (chosen on ID validation)."
     assert block[2] == "| method | runs | ID | OOD avg | ZS avg | RSA | paper: ID / OOD / ZS / RSA |"
     assert block[4] == "| pre-trained | 1 | 40.0 | 30.0 | 20.0 | 1.000 | 68.3 / 58.7 / 66.0 / 1 |"
     assert block[5] == "| flyp | 3 | 62.0 ± 2.0 | 50.0 ± 0.0 | 10.0 ± 0.0 | – | 82.2 / 59.5 / 49.5 / 0.825 |"
