@@ -431,8 +431,8 @@ def run_experiment(cfg, out="runs/miniature", seeds=1, rebuild=False, jobs=None,
     def pick(*scores):
         curve.update(zip(cfg.lambda_grid, scores))
         lam = choose_lambda(curve, cfg.lambda_tolerance)
-        for _ in range(cfg.lambda_extend):  # the best at an end of the grid: one more log step beyond it
-            new = extend_grid(curve, lam)
+        for _ in range(cfg.lambda_extend):  # the best or the chosen λ at an end of the grid: one log step beyond
+            new = extend_grid(curve, max(curve, key=curve.get)) or extend_grid(curve, lam)
             if new is None:
                 break
             done = Future()

@@ -454,17 +454,18 @@ def test_extend_grid_steps_beyond_the_end_the_choice_is_at():
     assert experiment.extend_grid({100: 0.5}, 100) is None
 
 
-def test_a_choice_at_the_grid_end_extends_the_grid_on_seed_0(tmp_path, monkeypatch):
-    """λ = 100 chosen from {10, 100} (within tolerance of the best): λ = 1000 is trained and scored (0.5), the
-    choice stays 100, now bracketed; the runs that need λ wait for it; the curve in the results has all three."""
+def test_a_best_or_choice_at_the_grid_end_extends_the_grid_on_seed_0(tmp_path, monkeypatch):
+    """{10: 0.70, 100: 0.695}: the best (10) is at the low end, so λ = 1 is trained and scored (0.5); then the
+    choice (100, within tolerance of the best) is at the high end, so λ = 1000 (0.5); the choice stays 100, now
+    bracketed; the runs that need λ wait for it; the curve in the results has all four."""
     calls = _fake_jobs(tmp_path, monkeypatch)
     res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), jobs=1)
     trains = [label for kind, label in calls if kind == "train"]
-    assert trains[:3] == ["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0", "dive-1000-avl,pvl-s0"]
-    assert ("eval", "dive-lambda1000") in calls and len(trains) == len(set(trains)) == 8
+    assert trains[:4] == ["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0", "dive-1-avl,pvl-s0", "dive-1000-avl,pvl-s0"]
+    assert ("eval", "dive-lambda1000") in calls and len(trains) == len(set(trains)) == 9
     assert res["miniature"]["lambda"] == 100
-    assert res["miniature"]["lambda_grid_id_val"] == {10: 0.70, 100: 0.695, 1000: 0.5}
-    assert "10: 70.0, 100: 69.5, 1000: 50.0 → λ = 100." in (tmp_path / "out" / "results.md").read_text()
+    assert res["miniature"]["lambda_grid_id_val"] == {1: 0.5, 10: 0.70, 100: 0.695, 1000: 0.5}
+    assert "1: 50.0, 10: 70.0, 100: 69.5, 1000: 50.0 → λ = 100." in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_dive_norms_are_read_from_the_last_logged_step(tmp_path):
