@@ -511,7 +511,7 @@ def notes(cfg, results, seeds, ablation_seeds):
     multiples = chance_multiples(cfg, results["runs"][0])
     ends = [min(m["lambda_grid_id_val"]), max(m["lambda_grid_id_val"])] if len(cfg.lambda_grid) > 1 else []
     return [f"Seeds {cfg.seed}–{cfg.seed + seeds - 1} for FLYP, replay, SnD, DiVE and DiVE + WiSE; AVL-only and "
-            f"PVL-only on {'every seed' if ablation_seeds >= seeds else f'the first {ablation_seeds}'}. ",
+            f"PVL-only on {'every seed' if ablation_seeds >= seeds else f'the first {ablation_seeds} seed(s) only'}.",
             f"DiVE λ on seed {cfg.seed}'s ID validation (top-1 %): {curve} → λ = {m['lambda']:g}"
             + (" (still at an end of the extended grid)" if m["lambda"] in ends else "") + ".",
             "",
