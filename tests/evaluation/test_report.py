@@ -49,3 +49,15 @@ def test_snd_minus_flyp_is_paired_too_and_nothing_without_snd():
     assert line == "| snd − flyp | 3 | -1.3 ± 3.5 | 5.0 ± 4.4 | 0.233 ± 0.153 |"  # ID: -0.01, 0.02, -0.05
     assert "| dive − snd | 3 |" in table
     assert "snd − flyp" not in report.markdown_table({"runs": RUNS})
+
+
+def test_an_extra_dataset_shows_per_dataset_only():
+    """Role "extra" (the miniature's novel concepts): a per-dataset column, in no headline column."""
+    from openclip_robust.evaluation.suite import role_averages
+    datasets = {"zs": {"role": "zeroshot", "metric": "top1", "score": 0.3},
+                "novel": {"role": "extra", "metric": "top1", "score": 0.1}}
+    roles = role_averages(datasets)
+    assert roles == {"zeroshot": pytest.approx(0.3), "extra": pytest.approx(0.1)}  # ZS avg excludes it
+    table = report.markdown_table({"runs": [{"name": "m", "datasets": datasets, "roles": roles}]})
+    assert table.splitlines()[0] == "| method | runs | ZS avg |"
+    assert "| method | zs (zeroshot, top1) | novel (extra, top1) |" in table and "| m | 30.0 | 10.0 |" in table
