@@ -57,3 +57,25 @@ def test_patch_checker_tells_apply_from_not(tmp_path):
     assert ok.returncode == 0 and ": applies" in ok.stdout
     moved = check(unpacked_copy(pinned, tmp_path / "b", edit="src/open_clip_train/train.py"))
     assert moved.returncode == 1 and "DOES NOT APPLY" in moved.stdout
+
+
+def test_model_a_options_zero_shot_ensembles_the_templates_through_the_heads():
+    """scripts/model_a_options.py's zero-shot: images through the image head, each class's prompts through the
+    text head, averaged over templates; top-1 against hand-placed features."""
+    import importlib.util
+
+    import pytest
+    import torch
+    spec = importlib.util.spec_from_file_location("model_a_options", ROOT / "scripts" / "model_a_options.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    n_templates = len(mod.md.CLIPART_TEMPLATES)
+    heads = {"image_w": torch.eye(3), "image_b": torch.zeros(3), "text_w": torch.eye(3)}
+    # class c's prompts all point along axis c, but one template of class 0 points along axis 2 (the mean
+    # still leans to axis 0); images: two of class 0 on axis 0, one of class 1 on axis 2 (a miss)
+    prompts = torch.eye(3)[[0] * n_templates + [1] * n_templates + [2] * n_templates]
+    prompts[1] = torch.tensor([0.0, 0.0, 1.0])
+    images = torch.tensor([[1.0, 0.1, 0.0], [2.0, 0.0, 0.3], [0.0, 0.2, 1.0]])
+    assert mod.zero_shot(heads, images, torch.tensor([0, 0, 1]), prompts, 3) == pytest.approx(2 / 3)
+    heads["image_b"] = torch.tensor([0.0, 5.0, 0.0])  # the bias moves every image to class 1
+    assert mod.zero_shot(heads, images, torch.tensor([1, 1, 1]), prompts, 3) == 1.0

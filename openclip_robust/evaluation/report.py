@@ -53,6 +53,11 @@ def _seed(run):
     return int(tail) if tail.isdigit() else None
 
 
+# the paired differences the table shows: (method, baselines or None for every other method); SnD - FLYP is the
+# paper's zero-shot claim that does not involve DiVE
+PAIRED = (("dive", None), ("snd", ["flyp"]))
+
+
 def paired_differences(runs, method="dive", baselines=None):
     """{baseline: {column: (mean, std or None, n)}}: `method` minus each baseline, per column, over the seeds
     both ran (a difference per seed, so seed-to-seed variation common to both cancels). std: sample
@@ -102,17 +107,17 @@ def markdown_table(results):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, n, cols in summary:
         lines.append("| " + " | ".join([method, str(n)] + [_fmt(k, cols.get(k)) for k in keys]) + " |")
-    paired = paired_differences(runs)
-    if paired and any(stat[2] > 1 for cols in paired.values() for stat in cols.values()):
-        lines += ["", "DiVE minus each method, paired by seed (mean ± std of the per-seed differences; "
-                  "* its 95% t-interval excludes 0):", "",
+    paired = [(m, base, cols) for m, bases in PAIRED for base, cols in paired_differences(runs, m, bases).items()]
+    if any(stat[2] > 1 for _, _, cols in paired for stat in cols.values()):
+        lines += ["", "DiVE minus each method, and SnD minus FLYP, paired by seed (mean ± std of the per-seed "
+                  "differences; * its 95% t-interval excludes 0):", "",
                   "| difference | seeds | " + " | ".join(title for k, title in COLUMNS if k in keys) + " |",
                   "|" + "---|" * (len(keys) + 2)]
-        for base, cols in paired.items():
+        for method, base, cols in paired:
             n = max(stat[2] for stat in cols.values())
             cells = [(_fmt(k, cols[k][:2]) + ("*" if beyond_spread(cols[k]) else "")) if k in cols else "–"
                      for k in keys]
-            lines.append(f"| dive − {base} | {n} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} − {base} | {n} | " + " | ".join(cells) + " |")
     datasets = {}
     for run in runs:
         for name, d in run.get("datasets", {}).items():
@@ -129,6 +134,25 @@ def markdown_table(results):
                 cells.append(_fmt("score", (statistics.fmean(values), statistics.stdev(values) if len(values) > 1
                                          else None)) if values else "–")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if results.get("notes"):
+        lines += [""] + list(results["notes"])
+    if results.get("verdicts"):
+        lines += ["", verdict_table(results["verdicts"])]
+    return "\n".join(lines) + "\n"
+
+
+def verdict_table(verdicts):
+    """The paper's claims against this run (claims.claim_verdicts' records), as a markdown table."""
+    def num(column, x):
+        return "–" if x is None else f"{x:.3f}" if column == "rsa" else f"{100 * x:.1f}"
+    lines = ["Claims of the paper (a verdict when the paired 95% interval lies beyond the bound; points, RSA "
+             "as a correlation):", "", "| claim | difference | seeds | mean [95% interval] | bound | verdict |",
+             "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        c = v["column"]
+        ci = f" [{num(c, v['low'])}, {num(c, v['high'])}]" if v["low"] is not None else ""
+        lines.append(f"| {v['claim']} | {v['difference']} ({c}) | {v['seeds']} | {num(c, v['mean'])}{ci} | "
+                     f"{num(c, v['bound'])} | {v['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -55,7 +55,7 @@ from openclip_robust.data import shards as sh
 from openclip_robust.data.shard_format import decode_image, image_of, is_local
 from openclip_robust.evaluation import report
 
-ROLES = ("id", "ood", "zeroshot", "retrieval")
+ROLES = ("id", "ood", "zeroshot", "retrieval", "extra")  # extra: reported per dataset, in no headline column
 CLASSIFICATION_METRICS = ("top1", "top5", "balanced_acc", "macro_f1")
 RETRIEVAL_METRICS = ("mean_R@1", "mean_R@5", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")
 

@@ -1,10 +1,14 @@
 """The miniature's data: openclipart pairs and splits, Fashion-MNIST and its OOD shifts.
 
 openclipart: a category is the first two folder levels (``animals/mammals``; top-level files:
-the top folder). HELD_OUT categories are the zero-shot task and never reach alignment or the
-reference set. Pairs of the other categories are split at random into alignment-train (also the
-reference set, the analogue of CC3M), alignment-val (early stopping) and held-out pairs; the
-retrieval/RSA set = held-out pairs + held-out-category images, never seen by any training stage.
+the top folder). Zero-shot, as in the paper (its Caltech-101, Pets, ... are classes fine-tuning never
+sees, whose concepts CLIP's pre-training covered but whose test images it never saw): the zero-shot
+categories (HELD_OUT) are never fine-tuned on, a share of each one's clip arts joins the alignment pool
+(model A knows the concept) and the rest are evaluation images no training stage sees. The nameable
+categories not drawn for zero-shot are "novel concepts": none of their images reaches alignment. Pairs of
+the other categories are split at random into alignment-train (also the reference set, the analogue of
+CC3M), alignment-val (early stopping) and held-out pairs; the retrieval/RSA set = held-out pairs +
+zero-shot evaluation images, never seen by any training stage.
 """
 import gzip
 import html
@@ -79,6 +83,14 @@ def held_out_categories(split_seed=0):
     return {c: pool[c] for c in sorted(chosen)}
 
 
+def novel_categories(split_seed=0):
+    """The "novel concepts" ({folder: prompt name}): the nameable categories (HELD_OUT, MORE_NAMEABLE) not drawn
+    for zero-shot; none of their images reaches alignment (MORE_NAMEABLE for split seed 0)."""
+    held = held_out_categories(split_seed)
+    pool = {**HELD_OUT, **MORE_NAMEABLE}
+    return {c: pool[c] for c in sorted(pool) if c not in held}
+
+
 CLIPART_TEMPLATES = ["clip art of {c}.", "a drawing of {c}.", "an illustration of {c}.", "a cartoon of {c}.",
                      "an icon of {c}.", "a picture of {c}."]
 FASHION_CLASSES = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -128,15 +140,28 @@ def openclipart_items(png_root=assets.OPENCLIPART_PNG, svg_root=assets.OPENCLIPA
     return items
 
 
-def split_openclipart(items, val_pairs, heldout_pairs, seed=0, held_out=HELD_OUT):
-    """{"align_train", "align_val", "heldout_pairs", "zeroshot"}: lists of (rel, category, caption); the
-    `held_out` categories are the zero-shot set, the others' pairs are split at random (`seed`)."""
-    zeroshot = [it for it in items if it[1] in held_out]
-    rest = [it for it in items if it[1] not in held_out]
+def split_openclipart(items, val_pairs, heldout_pairs, seed=0, held_out=HELD_OUT, novel=(), zeroshot_align_share=0.0):
+    """{"align_train", "align_val", "heldout_pairs", "zeroshot", "novel"}: lists of (rel, category, caption).
+
+    "zeroshot": the `held_out` categories' evaluation images; of each such category, a share
+    `zeroshot_align_share` (seeded, at least one image left to evaluate) joins the alignment pool (0: none,
+    the concept stays unseen too). "novel": every image of the `novel` categories. The other pairs are split
+    at random (`seed`) into alignment-val, held-out pairs and alignment-train."""
     rng = random.Random(seed)
+    zeroshot, rest = [], []
+    for cat in held_out:
+        group = [it for it in items if it[1] == cat]
+        n_align = max(0, min(round(zeroshot_align_share * len(group)), len(group) - 1))
+        chosen = set(rng.sample(range(len(group)), n_align))
+        rest += [it for i, it in enumerate(group) if i in chosen]
+        zeroshot += [it for i, it in enumerate(group) if i not in chosen]
+    novel_items = [it for it in items if it[1] in novel]
+    rest += [it for it in items if it[1] not in held_out and it[1] not in novel]
+    rest.sort()
     rng.shuffle(rest)
+    zeroshot.sort()
     return {"align_val": rest[:val_pairs], "heldout_pairs": rest[val_pairs:val_pairs + heldout_pairs],
-            "align_train": rest[val_pairs + heldout_pairs:], "zeroshot": zeroshot}
+            "align_train": rest[val_pairs + heldout_pairs:], "zeroshot": zeroshot, "novel": novel_items}
 
 
 def cap_per_category(items, per_category, seed=0):

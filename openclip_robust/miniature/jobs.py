@@ -14,6 +14,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -68,7 +69,10 @@ class JobPool:
     are cancelled first.
     """
 
-    def __init__(self, workers):
+    def __init__(self, workers, progress=None):
+        """progress: a prefix; when set, each finished job prints "<prefix> jobs: D done, L left (S s)"."""
+        self._progress, self._submitted, self._done, self._t0 = progress, 0, 0, time.time()
+        self._count_lock = threading.Lock()
         self._queue = queue.PriorityQueue()
         self._order = itertools.count()
         self._cancelled = False
@@ -82,6 +86,8 @@ class JobPool:
         A failed or cancelled dependency fails the job without running it.
         """
         future, left, lock = Future(), [len(after)], threading.Lock()
+        with self._count_lock:
+            self._submitted += 1
 
         def dependency_done(_):
             with lock:
@@ -120,6 +126,14 @@ class JobPool:
                     future.set_result(job())
                 except BaseException as e:  # noqa: B036
                     future.set_exception(e)
+                self._report()
+
+    def _report(self):
+        with self._count_lock:
+            self._done += 1
+            done, left = self._done, self._submitted - self._done
+        if self._progress:
+            print(f"{self._progress} jobs: {done} done, {left} left ({time.time() - self._t0:.0f} s)", flush=True)
 
     def close(self, cancel=False):
         """Wait for the jobs (cancel: only for the running ones; the others are cancelled)."""

@@ -66,3 +66,25 @@ def test_report_plots_retention_curves_from_training_logs(tmp_path, capsys):
     bare.write_text('{"clip_val_loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"bare.jsonl: no retention/ metrics"):
         retention_plot.read_log(bare)
+
+
+def test_snd_minus_flyp_is_paired_too_and_nothing_without_snd():
+    snd = [run("snd", 0, 0.79, 0.20, 0.5), run("snd", 1, 0.72, 0.15, 0.6), run("snd", 2, 0.70, 0.10, 0.5)]
+    table = report.markdown_table({"runs": RUNS + snd})
+    # ZS: snd - flyp = 0.10, 0.03, 0.02 -> mean 0.05, std sqrt((0.05^2 + 0.02^2 + 0.03^2) / 2) = 0.0436
+    line = next(l for l in table.splitlines() if l.startswith("| snd − flyp |"))
+    assert line == "| snd − flyp | 3 | -1.3 ± 3.5 | 5.0 ± 4.4 | 0.233 ± 0.153 |"  # ID: -0.01, 0.02, -0.05
+    assert "| dive − snd | 3 |" in table
+    assert "snd − flyp" not in report.markdown_table({"runs": RUNS})
+
+
+def test_an_extra_dataset_shows_per_dataset_only():
+    """Role "extra" (the miniature's novel concepts): a per-dataset column, in no headline column."""
+    from openclip_robust.evaluation.suite import role_averages
+    datasets = {"zs": {"role": "zeroshot", "metric": "top1", "score": 0.3},
+                "novel": {"role": "extra", "metric": "top1", "score": 0.1}}
+    roles = role_averages(datasets)
+    assert roles == {"zeroshot": pytest.approx(0.3), "extra": pytest.approx(0.1)}  # ZS avg excludes it
+    table = report.markdown_table({"runs": [{"name": "m", "datasets": datasets, "roles": roles}]})
+    assert table.splitlines()[0] == "| method | runs | ZS avg |"
+    assert "| method | zs (zeroshot, top1) | novel (extra, top1) |" in table and "| m | 30.0 | 10.0 |" in table

@@ -14,7 +14,7 @@ from PIL import Image
 from openclip_robust.launch import train as train_upstream
 from openclip_robust.miniature import assets, data as md, experiment
 from openclip_robust.miniature.__main__ import main
-from openclip_robust.miniature.experiment import TINY, Config, choose_lambda, render_needed, run_experiment
+from openclip_robust.miniature.experiment import CHANCE_MULTIPLES, TINY, Config, choose_lambda, render_needed, run_experiment
 from openclip_robust.miniature.jobs import JobPool, run_in_child
 from openclip_robust.miniature.model import lit_align, text_tower_without_dropout
 
@@ -88,6 +88,68 @@ def test_split_on_real_openclipart():
     splits = md.split_openclipart(items, 300, 500, 7, other)
     _assert_split_disjoint(splits, other)
     assert {c for _, c, _ in splits["zeroshot"]} == set(other)
+
+
+def _assert_zero_shot_as_in_the_paper(splits, target, held_out, novel):
+    """Zero-shot evaluation images reach no alignment pair, no reference pair (= alignment-train) and no
+    fine-tuning image, while their categories' other images are aligned; novel concepts reach nothing."""
+    rels = lambda rows: {it[0] for it in rows}  # noqa: E731
+    zs, nov = rels(splits["zeroshot"]), rels(splits["novel"])
+    trained = rels(splits["align_train"]) | rels(splits["align_val"])
+    tuned = set().union(*(rels(v) for v in (target or {}).values()))
+    assert zs and nov and trained
+    assert zs & trained == set() and zs & tuned == set() and nov & (trained | tuned | zs) == set()
+    assert rels(splits["heldout_pairs"]) & (trained | tuned | zs | nov) == set()
+    assert {it[1] for it in splits["zeroshot"]} == set(held_out)
+    assert {it[1] for it in splits["novel"]} == set(novel) and set(novel).isdisjoint(held_out)
+    cats = lambda rows: {it[1] for it in rows}  # noqa: E731
+    assert cats(splits["align_train"] + splits["align_val"] + splits["heldout_pairs"]) & set(novel) == set()
+    assert cats(splits["align_train"]) & set(held_out)  # the concepts are seen in alignment: the paper's setting
+    assert not set(held_out) & set(md.TARGET_CLASSES)  # never fine-tuned on
+
+
+def _named_items(n=24):
+    cats = [*md.HELD_OUT, *md.MORE_NAMEABLE, *md.TARGET_CLASSES, "computer/icons", "animals"]
+    return [(f"{c}/img{i:02d}.png", c, f"caption {c} {i}") for c in cats for i in range(n)]
+
+
+def test_zero_shot_share_splits_each_category_by_image():
+    items = _named_items(20)
+    held = dict(list(md.HELD_OUT.items())[:3])
+    novel = dict(list(md.MORE_NAMEABLE.items())[:2])
+    sub = [it for it in items if it[1] in held or it[1] in novel or it[1] == "computer/icons"]
+    splits = md.split_openclipart(sub, 5, 5, seed=2, held_out=held, novel=novel, zeroshot_align_share=0.25)
+    assert len(splits["zeroshot"]) == 3 * 15 and len(splits["novel"]) == 2 * 20  # 5 of each 20 join the pool
+    pool = splits["align_train"] + splits["align_val"] + splits["heldout_pairs"]
+    assert sorted(it[1] for it in pool if it[1] in held) == sorted(list(held) * 5)
+    assert sum(len(v) for v in splits.values()) == len(sub)  # nothing lost, nothing twice
+    assert {it[0] for it in splits["zeroshot"]}.isdisjoint(it[0] for it in pool)
+    strict = md.split_openclipart(sub, 5, 5, seed=2, held_out=held, novel=novel)  # share 0: concepts unseen too
+    assert len(strict["zeroshot"]) == 60 and not {it[1] for it in strict["align_train"]} & set(held)
+
+
+@pytest.mark.parametrize("split_seed", [0, 7])
+@pytest.mark.parametrize("target", ["clipart", "fashion"])
+def test_zero_shot_evaluation_images_reach_no_training_stage(split_seed, target):
+    cfg = Config(split_seed=split_seed, target=target, ref_pairs=600, align_val_pairs=50, heldout_pairs=60)
+    splits, tgt = experiment.split_all(cfg, _named_items())
+    held, novel = md.held_out_categories(split_seed), md.novel_categories(split_seed)
+    assert len(held) == md.ZERO_SHOT_COUNT and (split_seed == 0) == (novel == md.MORE_NAMEABLE)
+    _assert_zero_shot_as_in_the_paper(splits, tgt, held, novel)
+    assert (tgt is None) == (target == "fashion")
+    assert len(splits["zeroshot"]) == md.ZERO_SHOT_COUNT * (24 - round(cfg.zeroshot_align_share * 24))
+
+
+@needs_assets
+@pytest.mark.parametrize("split_seed", [0, 7])
+def test_zero_shot_evaluation_images_reach_no_training_stage_on_real_openclipart(split_seed):
+    cfg = Config(split_seed=split_seed)
+    splits, target = experiment.split_all(cfg, md.openclipart_items())
+    _assert_zero_shot_as_in_the_paper(splits, target, md.held_out_categories(split_seed),
+                                      md.novel_categories(split_seed))
+    held = md.held_out_categories(split_seed)
+    assert len(splits["zeroshot"]) >= 500 and 2000 <= len(splits["align_train"]) <= cfg.ref_pairs
+    assert sum(it[1] in held for it in splits["align_train"]) >= 100  # about 7 pairs per zero-shot concept
 
 
 def test_category_and_caption_parsing():
@@ -164,6 +226,11 @@ def test_a_failing_fine_tune_stops_the_run_and_shows_its_log(tiny_out, monkeypat
 @pytest.mark.slow
 def test_tiny_end_to_end(tiny_out):
     res = run_experiment(Config(**TINY), out=str(tiny_out), seeds=1)
+    pre = res["runs"][0]["roles"]  # the ImageNet-like target: model A is already good at it and its shifts
+    chance_target, chance_zs = 1 / len(md.TARGET_CLASSES), 1 / md.ZERO_SHOT_COUNT
+    assert pre["id"] >= CHANCE_MULTIPLES["id"] * chance_target, pre
+    assert pre["ood"] >= CHANCE_MULTIPLES["ood"] * chance_target, pre
+    assert pre["zeroshot"] >= CHANCE_MULTIPLES["zeroshot"] * chance_zs, pre
     methods = {r["method"] for r in res["runs"]}
     assert methods == {"pre-trained", "flyp", "replay", "snd", "dive", "dive-avl", "dive-pvl", "dive+wise"}
     for run in res["runs"]:
@@ -245,6 +312,17 @@ def test_job_pool_runs_by_priority_then_submission_order():
     assert order == ["lambda", "train", "train2", "short", "eval"]
 
 
+def test_job_pool_shows_jobs_done_and_left(capsys):
+    gate = threading.Event()
+    with JobPool(1, progress="[p]") as pool:
+        a = pool.submit(0, gate.wait)  # holds the only worker until every job is submitted
+        pool.submit(0, lambda x: x, after=[a])
+        pool.submit(1, lambda: 2)
+        gate.set()
+    lines = [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["[p] jobs: 1 done, 2 left", "[p] jobs: 2 done, 1 left", "[p] jobs: 3 done, 0 left"]
+
+
 def test_job_pool_passes_results_on_and_a_failure_fails_its_dependents():
     ran = []
     with JobPool(2) as pool:
@@ -318,8 +396,8 @@ def test_render_clipart_equals_compositing_at_full_size(tmp_path):
             assert out.mode == "RGB" and out.size == (40, 20)
 
 
-def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tmp_path, monkeypatch):
-    """The job graph without training: fakes for data, fine-tunes and evaluations record what ran, in order."""
+def _fake_jobs(tmp_path, monkeypatch):
+    """Fakes for data, fine-tunes and evaluations that record what ran, in order (the list returned)."""
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "alignment.json").write_text("{}")
     stage = experiment.Stage(tmp_path / "data", tmp_path / "model", {"data": "d", "model": "m"})
@@ -346,7 +424,14 @@ def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tm
     monkeypatch.setattr(experiment, "run_method", fake_train)
     monkeypatch.setattr(experiment, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(experiment, "run_in_child", lambda fn, args, log, what: Path(args[-1]).write_text("w"))  # WiSE
-    res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), rebuild=True, jobs=1)
+    return calls
+
+
+def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tmp_path, monkeypatch):
+    """The job graph without training: what ran, in which order."""
+    calls = _fake_jobs(tmp_path, monkeypatch)
+    res = experiment.run_experiment(Config(lambda_grid=(10, 100), lambda_extend=0), out=str(tmp_path / "out"),
+                                    rebuild=True, jobs=1)
     trains = [label for kind, label in calls if kind == "train"]
     assert len(trains) == len(set(trains)) == 7  # the chosen grid run is DiVE's: not trained again, not by --rebuild
     assert trains[:2] == ["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0"]  # λ's path first ...
@@ -362,6 +447,27 @@ def test_run_experiment_schedules_lambdas_path_first_and_trains_each_run_once(tm
     assert res["miniature"]["dive_norms_at_lambda"] == {"u_norm": len("dive-100-avl,pvl-s0")}  # the chosen run's
 
 
+def test_extend_grid_steps_beyond_the_end_the_choice_is_at():
+    assert experiment.extend_grid({1: 0.7, 3: 0.75, 10: 0.6}, 3) is None  # bracketed
+    assert experiment.extend_grid({1: 0.7, 3: 0.75, 10: 0.74}, 10) == pytest.approx(100 / 3)
+    assert experiment.extend_grid({1: 0.8, 10: 0.75, 100: 0.6}, 1) == pytest.approx(0.1)
+    assert experiment.extend_grid({100: 0.5}, 100) is None
+
+
+def test_a_best_or_choice_at_the_grid_end_extends_the_grid_on_seed_0(tmp_path, monkeypatch):
+    """{10: 0.70, 100: 0.695}: the best (10) is at the low end, so λ = 1 is trained and scored (0.5); then the
+    choice (100, within tolerance of the best) is at the high end, so λ = 1000 (0.5); the choice stays 100, now
+    bracketed; the runs that need λ wait for it; the curve in the results has all four."""
+    calls = _fake_jobs(tmp_path, monkeypatch)
+    res = experiment.run_experiment(Config(lambda_grid=(10, 100)), out=str(tmp_path / "out"), jobs=1)
+    trains = [label for kind, label in calls if kind == "train"]
+    assert trains[:4] == ["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0", "dive-1-avl,pvl-s0", "dive-1000-avl,pvl-s0"]
+    assert ("eval", "dive-lambda1000") in calls and len(trains) == len(set(trains)) == 9
+    assert res["miniature"]["lambda"] == 100
+    assert res["miniature"]["lambda_grid_id_val"] == {1: 0.5, 10: 0.70, 100: 0.695, 1000: 0.5}
+    assert "1: 50.0, 10: 70.0, 100: 69.5, 1000: 50.0 → λ = 100." in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_dive_norms_are_read_from_the_last_logged_step(tmp_path):
     from openclip_robust.miniature.experiment import logged_norms
     log = tmp_path / "logs" / "run" / "out.log"
@@ -370,3 +476,38 @@ def test_dive_norms_are_read_from_the_last_logged_step(tmp_path):
                    "Dive_v_norm: 2.5e-01 (0.25)\nTrain Epoch: 0 [960/960] Dive_m_norm: 0.0062558 (0.004) "
                    "Dive_u_norm: 0.41625 (0.3) Dive_v_norm: 0.33251 (0.3)\n")
     assert logged_norms(tmp_path / "model.pt") == {"u_norm": 0.41625, "v_norm": 0.33251, "m_norm": 0.0062558}
+
+
+def test_ablations_run_on_the_first_seeds_only_when_asked(tmp_path, monkeypatch):
+    """The default run: every method on 3 seeds, AVL-only / PVL-only on the first; the λ grid once, on seed 0."""
+    calls = _fake_jobs(tmp_path, monkeypatch)
+    res = experiment.run_experiment(Config(lambda_grid=(10, 100), lambda_extend=0), out=str(tmp_path / "out"),
+                                    seeds=3, jobs=1, ablation_seeds=1)
+    trains = sorted(label for kind, label in calls if kind == "train")
+    assert trains == sorted(["dive-10-avl,pvl-s0", "dive-100-avl,pvl-s0", "dive-100-avl-s0", "dive-100-pvl-s0",
+                             *(f"{m}-s{s}" for m in ("flyp", "replay", "snd") for s in range(3)),
+                             "dive-100-avl,pvl-s1", "dive-100-avl,pvl-s2"])
+    names = [r["name"] for r in res["runs"]]
+    assert names.count("dive-avl/seed0") == 1 and "dive-avl/seed1" not in names and "dive+wise/seed2" in names
+    assert res["miniature"]["ablation_seeds"] == 1 and res["miniature"]["seeds"] == 3
+
+
+def test_cli_default_quick_and_full(monkeypatch, tmp_path):
+    """Default: clip-art, 3 seeds, ablations on 1; --quick: 1 seed, the coarse grid; --full: ablations on every
+    seed, then Fashion-MNIST into OUT/fashion on the same cache."""
+    seen = []
+    monkeypatch.setattr("openclip_robust.miniature.__main__.run_experiment",
+                        lambda cfg, out, seeds, rebuild, jobs, ablation_seeds, cache_root=None, command=None:
+                        seen.append((cfg.target, cfg.lambda_grid, str(out), seeds, ablation_seeds, cache_root)) or
+                        commands.append(command))
+    out, commands = str(tmp_path / "o"), []
+    assert main(["--out", out]) == 0
+    assert seen.pop() == ("clipart", (1, 3, 10, 30, 100), out, 3, 1, None)
+    assert commands.pop() == f"python -m openclip_robust.miniature --out {out}"  # recorded in results.json
+    assert main(["--out", out, "--quick"]) == 0
+    assert seen.pop() == ("clipart", (1, 10, 100), out, 1, 1, None)
+    assert main(["--out", out, "--full", "--seeds", "2"]) == 0
+    assert seen == [("clipart", (1, 3, 10, 30, 100), out, 2, 2, None),
+                    ("fashion", (1, 3, 10, 30, 100), str(Path(out) / "fashion"), 2, 2, Path(out) / "cache")]
+    with pytest.raises(SystemExit):
+        main(["--quick", "--full"])
