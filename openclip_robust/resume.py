@@ -148,7 +148,7 @@ def _checkpoint_problem(path):
         torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
         return None
     except Exception as e:
-        if is_refused_pickle(e):  # weights_only's refusal: the pickle asks for a global it does not allow
+        if is_refused_pickle(e, path):  # weights_only's refusal: the pickle asks for a global it does not allow
             return "unsafe", "it is not a weights-only checkpoint (its pickle asks to import code)"
         return "corrupt", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"  # any failure: not loadable
 

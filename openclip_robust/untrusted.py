@@ -4,7 +4,9 @@ Every torch file is read with ``weights_only=True``: torch's restricted unpickle
 that asks to import anything. That refusal becomes one line naming the file (``UntrustedFileError``);
 nothing is ever retried with ``weights_only=False``. Shards: ``data.shard_format.decode_sample``.
 """
+import io
 import pickle
+import pickletools
 
 import torch
 
@@ -15,14 +17,27 @@ class UntrustedFileError(UserError, ValueError):
     pass
 
 
-def is_refused_pickle(exc):
-    """Whether `exc` is, or was raised from, torch's weights-only refusal (the file's pickle would import
-    code); loaders such as timm's re-raise it as another type."""
+def is_refused_pickle(exc, path=None):
+    """Whether `exc` is, or was raised from, torch's weights-only refusal of a pickle that would import code;
+    loaders such as timm's re-raise it as another type. torch names the global it refused, unless it stopped
+    at an opcode its unpickler lacks (a protocol-4 frame); then the file itself tells: a well-formed pickle
+    that torch refuses is refused code, bytes that do not parse as one are damage."""
     while exc is not None:
         if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
-            return True
+            return "GLOBAL" in str(exc) or (path is not None and parses_as_pickle(path))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def parses_as_pickle(path, limit=1 << 20):
+    """Whether the file starts with a complete pickle (opcodes read, never executed: pickletools)."""
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(io.BytesIO(f.read(limit))):
+                pass
+        return True
+    except Exception:
+        return False
 
 
 def refusal(path, flag=None):
@@ -37,6 +52,6 @@ def torch_load(path, flag=None, map_location="cpu", **kw):
     try:
         return torch.load(path, map_location=map_location, weights_only=True, **kw)
     except pickle.UnpicklingError as e:
-        if is_refused_pickle(e):
+        if is_refused_pickle(e, path):
             raise refusal(path, flag) from None
         raise

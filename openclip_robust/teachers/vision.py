@@ -81,7 +81,7 @@ def load_teacher_weights(model, name, path):
     try:
         state = load_state_dict(path, weights_only=True)
     except Exception as e:
-        if is_refused_pickle(e):
+        if is_refused_pickle(e, path):
             raise refusal(path, "--kernel-teacher-pretrained") from None
         raise ValueError(f"--kernel-teacher-pretrained {path}: not a readable checkpoint ({e})") from e
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)

@@ -119,7 +119,7 @@ def test_training_on_repacked_reference_shards_stops_naming_both_files(tmp_path,
                       "--ref-workers", "1")
     code, log = run_training(tmp_path, "repacked", *argv, timeout=300)  # bounded: a hang fails the test
     assert code != 0
-    assert (f"ValueError: --ref-teacher-cache {built.dir}: --ref-data shard {built.folder}/00000" in log
+    assert (f"CacheError: --ref-teacher-cache {built.dir}: --ref-data shard {built.folder}/00000" in log
             and f"is not the shard cache file {built.dir}/shards/0000" in log and "rebuild the cache" in log), log[-3000:]
     assert not (tmp_path / "logs" / "repacked" / "checkpoints" / "epoch_1.pt").exists()
 
