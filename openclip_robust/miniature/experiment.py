@@ -80,10 +80,11 @@ QUICK = dict(align_steps=100, zeroshot_per_class=10, heldout_pairs=300, target_p
              fashion_train=600, fashion_val=300, fashion_test=300, retrieval_pairs=300, steps=12, batch_size=16,
              lambda_grid=(1, 10, 100), ref_pairs=1000)
 
-# CI size: model A and the target and zero-shot test sets at the default size, so its pre-trained row is the
-# measurement CHANCE_MULTIPLES states (tests/miniature); fine-tuning 2 steps, so the other rows mean nothing
-TINY = dict(retrieval_pairs=60, fashion_train=64, fashion_val=32, fashion_test=32, steps=2, batch_size=8, warmup=1,
-            lambda_grid=(100,))  # the default's split and alignment: the same model A as the default run's
+# CI size: every stage runs, numbers mean nothing (a default-size model A costs CI minutes); the pre-trained
+# row's multiples of chance are checked on the default run's measured results (tests/miniature)
+TINY = dict(image_size=32, clipart_size=40, align_val_pairs=40, heldout_pairs=40, retrieval_pairs=60, ref_pairs=120,
+            zeroshot_per_class=3, align_steps=30, fashion_train=64, fashion_val=32, fashion_test=32, steps=2,
+            batch_size=8, warmup=1, lambda_grid=(100,))
 
 # The pre-trained row's floor, in multiples of chance, on the clip-art target (10 classes) and its shifts and on
 # the 25 zero-shot categories (the goals); measured: 4.8, 3.9 and 7.4 (docs/miniature.md).
