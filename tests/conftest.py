@@ -1,4 +1,5 @@
 """Shared fixtures: the embedded demo's tiny model folder and small shards of real images."""
+import json
 import logging
 import os
 
@@ -73,3 +74,16 @@ def method_flags(method, ref_shards, teacher, fewshot):
            for m in ("coop", "kgcoop", "contcoop")},
         "l2sp": ["--l2sp-lambda", "5"],
     }.get(method, [])
+
+
+@pytest.fixture(scope="session")
+def suite(tmp_path_factory, target_shards):
+    """A zero-shot suite over the digit shards (class names in order, one template, first 32 images)."""
+    from openclip_robust.demo.samples import DIGITS
+    root = tmp_path_factory.mktemp("suite")
+    (root / "classes.txt").write_text("".join(n + "\n" for n in DIGITS))
+    (root / "templates.txt").write_text("a photo of the digit {c}.\n")
+    (root / "suite.json").write_text(json.dumps({"datasets": [
+        {"name": "digits", "role": "zeroshot", "path": target_shards, "classnames": "classes.txt",
+         "templates": "templates.txt", "max_samples": 32}]}))
+    return str(root / "suite.json")

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,18 +32,6 @@ class FakeTensorboard:
 
         def close(self):
             pass
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory, target_shards):
-    """A zero-shot suite over the digit shards (class names in order, one template, first 32 images)."""
-    root = tmp_path_factory.mktemp("suite")
-    (root / "classes.txt").write_text("".join(n + "\n" for n in DIGITS))
-    (root / "templates.txt").write_text("a photo of the digit {c}.\n")
-    (root / "suite.json").write_text(json.dumps({"datasets": [
-        {"name": "digits", "role": "zeroshot", "path": target_shards, "classnames": "classes.txt",
-         "templates": "templates.txt", "max_samples": 32}]}))
-    return str(root / "suite.json")
 
 
 def train_args(tmp_path, name, model_dir, target, *extra, epochs=2, batch=16, samples=32):

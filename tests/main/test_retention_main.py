@@ -9,21 +9,9 @@ import pytest
 import torch
 
 from test_main_line import PYTHON, TIMEOUT, Run, dive, train_args  # skips the module without the main venv
-from openclip_robust.demo.samples import DIGITS
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retention_worker.py")
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory, target_shards):
-    root = tmp_path_factory.mktemp("suite")
-    (root / "classes.txt").write_text("".join(n + "\n" for n in DIGITS))
-    (root / "templates.txt").write_text("a photo of the digit {c}.\n")
-    (root / "suite.json").write_text(json.dumps({"datasets": [
-        {"name": "digits", "role": "zeroshot", "path": target_shards, "classnames": "classes.txt",
-         "templates": "templates.txt", "max_samples": 32}]}))
-    return str(root / "suite.json")
 
 
 def run(tmp_path, name, argv, nproc=1):
